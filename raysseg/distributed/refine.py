@@ -1,0 +1,266 @@
+"""The label update between stages, as a Ray Data pipeline.
+
+read manifest -> [actor pool, GPU when present] load the checkpoint once per actor, decode the image once,
+run the model at full resolution (CAMs, saliency, A_CT within the memory budget) -> [CPU tasks] saliency CRF,
+fusion, atomic PNG writes, per-image statistics -> next manifest + errors table.
+
+Model inference and CRF are separate steps so accelerators never wait on CPU-bound CRFs. Writes are keyed by
+image id and atomic, so a rerun skips every image whose labels already exist and never duplicates one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray
+import ray.data
+import torch
+
+from raysseg import layout
+from raysseg.config import IGNORE_INDEX, Config, from_dict, to_dict
+from raysseg.data import io
+from raysseg.data.transforms import normalize
+from raysseg.engine.checkpoint import load_checkpoint, restore_model
+from raysseg.labels.cam import multiscale_cam
+from raysseg.labels.saliency import build_saliency
+from raysseg.labels.update import finalize_labels, infer_label_maps, initial_labels
+
+MODES = ("initial", "refine", "ground_truth")
+
+
+def update_labels(
+    config: Config,
+    *,
+    mode: str,
+    checkpoint: str,
+    in_manifest: str,
+    labels_root: str,
+    out_manifest: str,
+    errors_path: str,
+    saliency_cache: str,
+) -> dict[str, Any]:
+    """Write one seg + one sal PNG per image under `labels_root` and the next manifest.
+
+    mode: "initial" (multi-scale CAM of the warm-up classifier fused with S0), "refine" (METHOD.md stage
+    update with A_CT) or "ground_truth" (the full-supervision baseline: labels from the GT masks).
+    Returns counts: images, written (new this run), skipped (already done), errors, seconds.
+    """
+    if mode not in MODES:
+        raise ValueError(f"label update mode {mode!r} is not one of {MODES}")
+    started = time.perf_counter()
+    resources = config.resources
+    config_dict = to_dict(config)
+    dataset = ray.data.read_parquet(in_manifest)
+    # Small manifests coalesce into one block: split so every actor gets work.
+    dataset = dataset.repartition(max(4, 4 * resources.refine_actors))
+    if mode != "ground_truth":
+        dataset = dataset.map_batches(
+            LabelInference,
+            fn_constructor_kwargs={
+                "config_dict": config_dict,
+                "checkpoint": checkpoint,
+                "mode": mode,
+                "labels_root": labels_root,
+            },
+            compute=ray.data.ActorPoolStrategy(size=resources.refine_actors),
+            batch_size=resources.refine_batch_size,
+            num_cpus=resources.refine_cpus_per_actor,
+            num_gpus=resources.refine_gpus_per_actor,
+            batch_format="pandas",
+        )
+    dataset = dataset.map_batches(
+        finalize_batch,
+        fn_kwargs={
+            "config_dict": config_dict,
+            "mode": mode,
+            "labels_root": labels_root,
+            "saliency_cache": saliency_cache,
+        },
+        batch_size=resources.refine_batch_size,
+        num_cpus=resources.crf_cpus,
+        batch_format="pandas",
+    )
+    # Rows are small now (URIs + statistics): keep them once, then split into manifest and errors.
+    rows = dataset.materialize()
+    summary = _write_outputs(rows, out_manifest, errors_path)
+    summary["seconds"] = time.perf_counter() - started
+    budget = resources.error_budget * max(1, summary["images"])
+    if summary["errors"] > budget:
+        raise RuntimeError(
+            f"label update: {summary['errors']} of {summary['images']} images failed, over the "
+            f"error budget ({resources.error_budget:.1%}); see {errors_path}"
+        )
+    return summary
+
+
+def _write_outputs(rows: ray.data.Dataset, out_manifest: str, errors_path: str) -> dict[str, Any]:
+    failed = rows.filter(lambda row: bool(row["error"]))
+    succeeded = rows.filter(lambda row: not row["error"])
+    counts = {
+        "images": rows.count(),
+        "errors": failed.count(),
+        "written": int(rows.sum("written") or 0),
+    }
+    counts["skipped"] = counts["images"] - counts["errors"] - counts["written"]
+    _write_parquet_atomic(succeeded, out_manifest)
+    if counts["errors"]:
+        _write_parquet_atomic(failed.select_columns(["image_id", "image_uri", "error"]), errors_path)
+    return counts
+
+
+def _write_parquet_atomic(dataset: ray.data.Dataset, path: str) -> None:
+    """Write to a temp folder, then move into place: a reader never sees half a manifest."""
+    temporary = f"{path}.tmp-{time.time_ns()}"
+    dataset.write_parquet(temporary)
+    io.replace_dir(temporary, path)
+
+
+class LabelInference:
+    """Actor: the stage checkpoint is loaded once; each batch is decoded once and run at full size."""
+
+    def __init__(self, config_dict: dict, checkpoint: str, mode: str, labels_root: str) -> None:
+        self.config = from_dict(config_dict)
+        self.mode = mode
+        self.labels_root = labels_root
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = restore_model(load_checkpoint(checkpoint)).to(self.device).eval()
+        if self.device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+
+    def __call__(self, batch):  # pandas.DataFrame -> pandas.DataFrame
+        images, maps, errors = [], [], []
+        for row in batch.itertuples(index=False):
+            image, result, error = None, None, ""
+            if not _labels_exist(self.labels_root, row.image_id):
+                try:
+                    image = io.read_image(row.image_uri)
+                    result = self._infer(image, _present(row.labels))
+                except Exception as failure:  # recorded per image; the error budget decides
+                    error = f"{row.image_uri}: {type(failure).__name__}: {failure}"
+            images.append(image)
+            maps.append(result)
+            errors.append(error)
+        batch = batch.copy()
+        batch["image"] = images
+        batch["maps"] = maps
+        batch["error"] = errors
+        return batch
+
+    def _infer(self, image: np.ndarray, present: list[int]) -> dict[str, np.ndarray]:
+        tensor = normalize(image).to(self.device)
+        if self.mode == "initial":
+            labels = self.config.labels
+            cams = multiscale_cam(self.model, tensor, present, labels.cam_scales, labels.cam_flip)
+            # float16 halves what travels to the CRF step; CAMs are in [0, 1].
+            return {"cams": cams.cpu().numpy().astype(np.float16)}
+        maps = infer_label_maps(self.model, tensor, present)
+        return {"cams": maps["cams"].astype(np.float16), "sal_prob": maps["sal_prob"]}
+
+
+_SALIENCY_SOURCES: dict[tuple, Any] = {}
+
+
+def _saliency_source(config: Config, cache: str):
+    """One saliency source per worker process: an ONNX session loads once, not once per batch."""
+    key = (dataclasses.astuple(config.data), cache)
+    if key not in _SALIENCY_SOURCES:
+        _SALIENCY_SOURCES[key] = build_saliency(config.data, cache_dir=cache)
+    return _SALIENCY_SOURCES[key]
+
+
+def finalize_batch(batch, config_dict: dict, mode: str, labels_root: str, saliency_cache: str):
+    """CPU step: CRF + fusion, atomic PNG writes, statistics; one output row per input row."""
+    config = from_dict(config_dict)
+    rows = []
+    for row in batch.to_dict("records"):
+        rows.append(_finalize_row(row, config, mode, labels_root, saliency_cache))
+    return _rows_frame(rows)
+
+
+def _finalize_row(
+    row: dict[str, Any], config: Config, mode: str, labels_root: str, saliency_cache: str
+) -> dict[str, Any]:
+    image_id = row["image_id"]
+    seg_uri = layout.label_uri(labels_root, "seg", image_id)
+    sal_uri = layout.label_uri(labels_root, "sal", image_id)
+    out = {
+        "image_id": image_id,
+        "image_uri": row["image_uri"],
+        "labels": [int(c) for c in _present(row["labels"])],
+        "mask_uri": row.get("mask_uri") or "",
+        "saliency_uri": row.get("saliency_uri") or "",
+        "seg_label_uri": seg_uri,
+        "sal_label_uri": sal_uri,
+        "error": row.get("error") or "",
+        "written": False,
+        "ignore_fraction": float("nan"),
+        "foreground_fraction": float("nan"),
+    }
+    if out["error"]:
+        return out
+    try:
+        if _labels_exist(labels_root, image_id):
+            seg_label = io.read_label(seg_uri)
+        else:
+            seg_label = _compute_and_write(row, config, mode, seg_uri, sal_uri, saliency_cache)
+            out["written"] = True
+    except Exception as failure:  # recorded per image; the error budget decides
+        out["error"] = f"{row['image_uri']}: {type(failure).__name__}: {failure}"
+        return out
+    out["ignore_fraction"] = float(np.mean(seg_label == IGNORE_INDEX))
+    out["foreground_fraction"] = float(np.mean((seg_label > 0) & (seg_label != IGNORE_INDEX)))
+    return out
+
+
+def _compute_and_write(
+    row: dict[str, Any], config: Config, mode: str, seg_uri: str, sal_uri: str, saliency_cache: str
+) -> np.ndarray:
+    present = _present(row["labels"])
+    image = row.get("image")
+    if image is None:
+        image = io.read_image(row["image_uri"])
+    if mode == "ground_truth":
+        seg_label = io.read_label(row["mask_uri"])
+        sal_label = ((seg_label > 0) & (seg_label != IGNORE_INDEX)).astype(np.float32)
+    else:
+        prior = _saliency_source(config, saliency_cache)(image, row["image_id"])
+        cams = row["maps"]["cams"].astype(np.float32)
+        if mode == "initial":
+            seg_label = initial_labels(cams, present, prior, config.labels)
+            sal_label = prior
+        else:
+            seg_label, sal_label = finalize_labels(
+                image, cams, row["maps"]["sal_prob"], prior, present, config.labels
+            )
+    # Saliency first, segmentation last: the seg PNG's existence marks the image as done.
+    io.write_png_atomic(sal_uri, io.saliency_to_uint8(sal_label))
+    io.write_png_atomic(seg_uri, seg_label, palette=io.voc_palette())
+    return seg_label
+
+
+def _labels_exist(labels_root: str, image_id: str) -> bool:
+    return io.exists(layout.label_uri(labels_root, "seg", image_id)) and io.exists(
+        layout.label_uri(labels_root, "sal", image_id)
+    )
+
+
+def _present(labels: Any) -> list[int]:
+    return [int(c) for c in (labels if labels is not None else [])]
+
+
+def _rows_frame(rows: list[dict[str, Any]]):
+    import pandas as pd
+
+    frame = pd.DataFrame(rows)
+    # Arrow needs list columns typed even when every list is empty.
+    frame["labels"] = pd.Series([list(v) for v in frame["labels"]], dtype=object)
+    return frame
+
+
+__all__ = ["MODES", "LabelInference", "finalize_batch", "update_labels"]
+
+_ = pa

@@ -1,0 +1,217 @@
+"""One training stage as a Ray Train (V2) TorchTrainer over the core epoch function.
+
+The driver builds the trainer; `_train_worker` runs on every worker: DDP (gloo on CPU, NCCL on GPU), AMP on
+CUDA, poly LR with heads at 10x, a checkpoint every epoch, metrics per epoch, val mIoU at the end.
+Rerunning the same stage resumes from its last checkpoint (same RunConfig name + storage path).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from torch.utils.data import DataLoader
+from torch.utils.data.distributed import DistributedSampler
+
+from raysseg.config import Config, from_dict, to_dict
+from raysseg.data import io
+from raysseg.data.dataset import StageDataset, collate
+from raysseg.data.records import read_manifest
+from raysseg.engine.checkpoint import (
+    load_checkpoint,
+    load_model_state,
+    restore_training_state,
+    save_checkpoint,
+)
+from raysseg.engine.loop import evaluate, train_one_epoch
+from raysseg.engine.metrics import ConfusionMatrix
+from raysseg.engine.optim import PolyLR, build_optimizer
+from raysseg.model.network import build_model
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """What one training stage needs; paths are local paths or URIs."""
+
+    name: str  # "warmup", "stage_0", ...
+    mode: str  # "warmup" (classifier only) or "full"
+    train_manifest: str
+    val_manifest: str  # "" when there is no validation GT
+    init_checkpoint: str  # "" = from the backbone's own initialisation
+    epochs: int
+    storage_path: str  # Ray Train storage (absolute path or URI)
+
+
+def train_stage(config: Config, spec: StageSpec, max_failures: int = 2) -> dict[str, Any]:
+    """Fit one stage on the Ray cluster; return {"checkpoint": uri of checkpoint.pt, "metrics": ...}."""
+    resources = config.resources
+    worker_resources = {"CPU": resources.cpus_per_worker}
+    if resources.use_gpu:
+        worker_resources["GPU"] = resources.gpus_per_worker
+    trainer = TorchTrainer(
+        _train_worker,
+        train_loop_config={"config": to_dict(config), "spec": spec.__dict__},
+        scaling_config=ScalingConfig(
+            num_workers=resources.num_workers,
+            use_gpu=resources.use_gpu,
+            resources_per_worker=worker_resources,
+        ),
+        run_config=RunConfig(
+            name=spec.name,
+            storage_path=spec.storage_path,
+            failure_config=FailureConfig(max_failures=max_failures),
+        ),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"stage {spec.name}: training finished without a checkpoint")
+    checkpoint_uri = io.join(result.checkpoint.path, CHECKPOINT_FILE)
+    if result.checkpoint.filesystem is not None and "://" not in checkpoint_uri:
+        # Local storage: result paths are plain directories.
+        checkpoint_uri = str(Path(checkpoint_uri).resolve())
+    return {"checkpoint": checkpoint_uri, "metrics": dict(result.metrics or {})}
+
+
+def _train_worker(loop_config: dict[str, Any]) -> None:
+    config = from_dict(loop_config["config"])
+    spec = StageSpec(**loop_config["spec"])
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(config.optim.seed + rank)
+
+    model = build_model(config.model)
+    if spec.init_checkpoint:
+        load_model_state(load_checkpoint(spec.init_checkpoint), model)
+    model.to(device)
+    warmup = spec.mode == "warmup"
+    optimizer = build_optimizer(model, config.optim, warmup=warmup)
+
+    loader, sampler = _train_loader(config, spec, rank, world_size)
+    scheduler = PolyLR(optimizer, total_steps=max(1, spec.epochs * len(loader)),
+                       power=config.optim.poly_power)
+    use_amp = config.optim.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda") if use_amp else None
+
+    start_epoch = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            state = load_checkpoint(str(Path(folder) / CHECKPOINT_FILE))
+        restore_training_state(state, model, optimizer, scheduler, scaler)
+        start_epoch = int(state["epoch"])  # epochs finished before the restart
+
+    # Warm-up leaves the seg/sal heads unused: DDP must be told, or it waits for their gradients.
+    ddp_model = ray.train.torch.prepare_model(
+        model, parallel_strategy_kwargs={"find_unused_parameters": warmup}
+    )
+    for epoch in range(start_epoch, spec.epochs):
+        sampler.set_epoch(epoch)
+        loader.dataset.set_epoch(epoch)
+        metrics = train_one_epoch(
+            ddp_model,
+            optimizer,
+            scheduler,
+            loader,
+            device,
+            loss_weights=config.loss,
+            mode=spec.mode,
+            scaler=scaler,
+            amp=use_amp,
+            sal_binarize=config.labels.sal_binarize,
+        )
+        metrics = {**_mean_across_workers(metrics, device), "epoch": epoch, "stage": spec.name}
+        if epoch == spec.epochs - 1 and spec.val_manifest and not warmup:
+            metrics["val_miou"] = _validate(model, config, spec.val_manifest, device, rank,
+                                            world_size)
+        _report_with_checkpoint(metrics, model, optimizer, scheduler, scaler, epoch, config, rank)
+
+
+def _train_loader(
+    config: Config, spec: StageSpec, rank: int, world_size: int
+) -> tuple[DataLoader, DistributedSampler]:
+    records = list(read_manifest(spec.train_manifest))
+    dataset = StageDataset(
+        records,
+        mode="warmup" if spec.mode == "warmup" else "train",
+        num_classes=config.model.num_classes,
+        data_config=config.data,
+        seed=config.optim.seed,
+    )
+    sampler = DistributedSampler(
+        dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=config.optim.seed,
+        drop_last=len(dataset) >= world_size * config.optim.batch_size,
+    )
+    loader = DataLoader(
+        dataset,
+        batch_size=config.optim.batch_size,
+        sampler=sampler,
+        num_workers=config.data.num_workers,
+        collate_fn=collate,
+        drop_last=len(dataset) >= world_size * config.optim.batch_size,
+        persistent_workers=config.data.num_workers > 0,
+    )
+    return loader, sampler
+
+
+def _mean_across_workers(metrics: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Average scalar metrics over workers (images/s is summed: it is a throughput)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return metrics
+    keys = sorted(k for k, v in metrics.items() if isinstance(v, (int, float)))
+    values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(values)
+    world = dist.get_world_size()
+    summed = {"images", "images_per_s"}
+    return {k: v if k in summed else v / world for k, v in zip(keys, values.tolist())}
+
+
+def _validate(
+    model: torch.nn.Module, config: Config, manifest: str, device: torch.device, rank: int,
+    world_size: int,
+) -> float:
+    """Single-scale val mIoU: each worker scores its shard, one all-reduce of the confusion matrix."""
+    records = [r for i, r in enumerate(read_manifest(manifest)) if i % world_size == rank]
+    dataset = StageDataset(records, mode="eval", num_classes=config.model.num_classes,
+                           data_config=config.data, seed=0)
+    loader = DataLoader(dataset, batch_size=1, collate_fn=collate)
+    if records:
+        confusion = evaluate(model, loader, device, config.model.num_classes)["confusion"]
+    else:
+        confusion = ConfusionMatrix(config.model.num_classes)
+    matrix = torch.as_tensor(confusion.to_array(), dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(matrix)
+    return ConfusionMatrix.from_array(matrix.cpu().numpy()).miou()
+
+
+def _report_with_checkpoint(
+    metrics: dict[str, Any], model, optimizer, scheduler, scaler, epoch: int, config: Config,
+    rank: int,
+) -> None:
+    """Every rank reports (a barrier); rank 0 attaches the checkpoint."""
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint = None
+        if rank == 0:
+            save_checkpoint(
+                str(Path(folder) / CHECKPOINT_FILE),
+                model,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                scaler=scaler,
+                epoch=epoch + 1,
+                config_dict=to_dict(config),
+            )
+            checkpoint = Checkpoint.from_directory(folder)
+        ray.train.report(metrics, checkpoint=checkpoint)
