@@ -1,4 +1,5 @@
-from raysseg.cli import main
 import sys
+
+from raysseg.cli import main
 
 sys.exit(main())

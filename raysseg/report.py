@@ -57,7 +57,9 @@ def write_label_grid(config: Config, path: Path, rows: int = 6) -> None:
     for record in records:
         image = io.read_image(record.image_uri)
         maps = [
-            io.read_label(record.mask_uri) if record.mask_uri else np.zeros(image.shape[:2], np.uint8),
+            io.read_label(record.mask_uri)
+            if record.mask_uri
+            else np.zeros(image.shape[:2], np.uint8),
             io.read_label(layout.label_uri(first_labels, "seg", record.image_id)),
             io.read_label(layout.label_uri(final_labels, "seg", record.image_id)),
             predict_label(model, image, config, multiscale=False, crf=False),

@@ -99,7 +99,7 @@ def test_bad_images_raise_with_file_name(tmp_path, kind):
 
 
 def test_missing_file_names_it(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope.png"):
+    with pytest.raises(FileNotFoundError, match=r"nope\.png"):
         io.read_image(str(tmp_path / "nope.png"))
 
 
@@ -129,7 +129,7 @@ def test_label_rgb_mapped_through_palette_and_unknown_colour(tmp_path):
     np.testing.assert_array_equal(io.read_label(uri), label)
     coloured[0, 0] = (1, 2, 3)
     uri = _save(Image.fromarray(coloured), tmp_path / "odd_label.png")
-    with pytest.raises(io.ImageReadError, match="odd_label.png"):
+    with pytest.raises(io.ImageReadError, match=r"odd_label\.png"):
         io.read_label(uri)
 
 
@@ -168,3 +168,29 @@ def test_join_exists_list_files(tmp_path):
     assert not io.exists(io.join(str(tmp_path), "zzz.txt"))
     listed = io.list_files(str(tmp_path), suffix=".txt")
     assert [Path(p).name for p in listed] == ["a.txt", "b.txt"]
+
+
+def test_copy_file_and_replace_dir(tmp_path):
+    source = tmp_path / "src.bin"
+    source.write_bytes(b"weights" * 1000)
+    destination = tmp_path / "run" / "stage_0" / "model.pt"
+    io.copy_file(str(source), str(destination))
+    assert destination.read_bytes() == source.read_bytes()
+    assert sorted(p.name for p in destination.parent.iterdir()) == ["model.pt"]
+    with pytest.raises(FileNotFoundError, match="absent"):
+        io.copy_file(str(tmp_path / "absent"), str(destination))
+
+    old, new = tmp_path / "manifest", tmp_path / "manifest.tmp-1"
+    old.mkdir()
+    (old / "stale.parquet").write_text("old")
+    new.mkdir()
+    (new / "part-0.parquet").write_text("new")
+    io.replace_dir(str(new), str(old))
+    assert sorted(p.name for p in old.iterdir()) == ["part-0.parquet"]
+    assert not new.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest", "run", "src.bin"]
+    fresh = tmp_path / "fresh.tmp"
+    fresh.mkdir()
+    (fresh / "a").write_text("a")
+    io.replace_dir(str(fresh), str(tmp_path / "nested" / "target"))
+    assert (tmp_path / "nested" / "target" / "a").read_text() == "a"

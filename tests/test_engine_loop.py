@@ -239,3 +239,19 @@ def test_predict_probs_odd_scales_and_bad_input():
         predict_probs(PointwiseModel(), torch.randn(2, 3, 8, 8))
     with pytest.raises(ValueError, match="fuse"):
         predict_probs(PointwiseModel(), image, fuse="vote")
+
+
+def test_grad_scaler_path_matches_plain_training():
+    # A CPU GradScaler exercises the scale -> step -> update branch used with fp16 on CUDA.
+    results = []
+    for scaler in (None, torch.amp.GradScaler("cpu", init_scale=1024.0)):
+        torch.manual_seed(0)
+        model = FakeSegNet()
+        optimizer = build_optimizer(model, OptimConfig(lr=0.05))
+        for _ in range(2):
+            result = train_one_epoch(
+                model, optimizer, None, tiny_batches(), CPU, LossConfig(), scaler=scaler
+            )
+        results.append((result["total"], model.seg_head.weight.detach().clone()))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-5, atol=1e-6)

@@ -83,3 +83,14 @@ def test_shape_mismatch_is_an_error() -> None:
         saliency_crf(image, prob[:, :-1])
     with pytest.raises(ValueError, match="dense_crf"):
         dense_crf(image, np.stack([prob, prob])[:, :-1])
+
+
+def test_crf_accepts_read_only_inputs() -> None:
+    # Ray hands numpy arrays over zero-copy and read-only; the CRF must not fail on them.
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, size=(20, 24, 3), dtype=np.uint8)
+    prob = rng.random((20, 24)).astype(np.float32)
+    image.setflags(write=False)
+    prob.setflags(write=False)
+    writable = saliency_crf(image.copy(), prob.copy())
+    assert np.allclose(saliency_crf(image, prob), writable)

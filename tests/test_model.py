@@ -1,8 +1,11 @@
-"""AuxSegNet model: shapes, frozen parts, affinity maths, chunking, lr groups, rebuilding, weights."""
+"""AuxSegNet model: shapes, frozen parts, affinity maths, chunking, lr groups, rebuilding."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,10 +31,26 @@ from raysseg.model.backbone import load_backbone_weights
 NUM_CLASSES = 5
 
 
-def small_model(seed: int = 0, width: int = 16, memory_mb: float = 256) -> AuxSegNet:
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    # Tiny tensors: intra-op threads only add synchronisation, which is slow on a busy 2-core box.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def small_model(
+    seed: int = 0, width: int = 16, memory_mb: float = 256, temperature: float = 1.0
+) -> AuxSegNet:
     torch.manual_seed(seed)
     backbone = build_backbone("small", small_width=width)
-    return AuxSegNet(backbone, num_classes=NUM_CLASSES, affinity_memory_mb=memory_mb)
+    return AuxSegNet(
+        backbone,
+        num_classes=NUM_CLASSES,
+        affinity_temperature=temperature,
+        affinity_memory_mb=memory_mb,
+    )
 
 
 def images(batch: int = 2, height: int = 64, width: int = 80, seed: int = 1) -> torch.Tensor:
@@ -126,7 +145,7 @@ def test_batch_norm_stays_in_eval_after_train() -> None:
     assert model.classifier.dropout.training  # the rest did switch to training mode
     stats_before = [m.running_mean.clone() for m in batch_norms]
     model(images())
-    for before, module in zip(stats_before, batch_norms):
+    for before, module in zip(stats_before, batch_norms, strict=True):
         torch.testing.assert_close(module.running_mean, before)
 
 
@@ -232,8 +251,15 @@ def test_chunked_task_products_match_whole_matrices() -> None:
 
 @pytest.mark.parametrize("chunk_rows", [1, 3, 7, 79, 80])
 def test_forward_chunked_equals_unchunked(chunk_rows: int) -> None:
-    # 8 x 10 features: N = 80; 3 and 7 do not divide it, 1 makes every row a halo row of its neighbours.
+    # 8 x 10 features: N = 80; 3 and 7 do not divide it; with 1 every row is a halo row twice.
+    # At initialisation the affinities are nearly uniform; sharper theta / phi and a stronger Omega
+    # conv make rows and gates differ, so a wrong halo row would show well above the tolerance.
     model = small_model().eval()
+    with torch.no_grad():
+        for task in (model.seg_affinity, model.sal_affinity):
+            task.theta.weight.mul_(30.0)
+            task.phi.weight.mul_(30.0)
+        model.cross_task_affinity.conv3x3.weight.mul_(30.0)
     x = images()
     with torch.no_grad():
         whole = model(x, chunk_rows=80)
@@ -301,7 +327,7 @@ def record_cross_task_chunks(model: AuxSegNet) -> tuple[list[tuple[int, ...]], o
 
 
 def test_inference_keeps_affinity_chunks_under_the_budget() -> None:
-    budget_mb = 0.5
+    budget_mb = 2.0
     model = small_model(width=8, memory_mb=budget_mb).eval()
     x = images(batch=1, height=256, width=256)  # 32 x 32 features, N = 1024
     shapes, handle = record_cross_task_chunks(model)
@@ -318,6 +344,59 @@ def test_inference_keeps_affinity_chunks_under_the_budget() -> None:
         whole = model(x, chunk_rows=n)
     torch.testing.assert_close(budgeted.seg_refined, whole.seg_refined)
     torch.testing.assert_close(budgeted.sal_refined, whole.sal_refined)
+
+
+PEAK_MEMORY_SCRIPT = """
+import torch
+from raysseg.model.affinity import AffinityState, CrossTaskAffinity, affinity_products
+from raysseg.model.affinity import chunk_rows_for_budget
+
+torch.set_num_threads(1)
+torch.manual_seed(0)
+
+def state_of(h, w):
+    return AffinityState(*[torch.randn(1, h * w, 128) * 0.1 for _ in range(4)], height=h, width=w)
+
+def status_mb(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+
+def reset_peak():
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")  # resets VmHWM (peak RSS) to the current RSS
+    return status_mb("VmRSS")
+
+cross = CrossTaskAffinity()
+with torch.no_grad():  # warm-up: kernels and thread pools allocate once
+    affinity_products(state_of(4, 4), cross, chunk_rows=3, cross_values=torch.randn(1, 16, 3))
+state, values = state_of(40, 40), torch.randn(1, 1600, 22)
+with torch.no_grad():
+    rows = chunk_rows_for_budget(1600, 1, memory_bytes=16 * 2**20)
+    start = reset_peak()
+    affinity_products(state, cross, chunk_rows=rows, cross_values=values, seg_values=values)
+    chunked = status_mb("VmHWM") - start
+    start = reset_peak()
+    affinity_products(state, cross, chunk_rows=1600, cross_values=values, seg_values=values)
+    whole = status_mb("VmHWM") - start
+print(chunked, whole)
+"""
+
+
+def test_measured_peak_memory_follows_the_budget() -> None:
+    # Peak RSS (Linux VmHWM, reset before each run) of a fresh process: N = 1600 with a 16 MB
+    # budget against whole 10 MB matrices. Part of the chunked peak is fixed overhead (allocator).
+    result = subprocess.run(
+        [sys.executable, "-c", PEAK_MEMORY_SCRIPT],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[1],
+        timeout=120,
+    )
+    chunked_mb, whole_mb = (float(v) for v in result.stdout.split())
+    assert chunked_mb < 16 + 32, (chunked_mb, whole_mb)
+    assert whole_mb > 4 * chunked_mb, (chunked_mb, whole_mb)
 
 
 def test_training_forms_whole_affinities() -> None:
@@ -352,11 +431,13 @@ def test_param_groups_cover_trainable_parameters_once() -> None:
 def test_a_few_sgd_steps_reduce_the_loss() -> None:
     model = small_model()
     x = images(batch=2, height=64, width=64)
-    generator = torch.Generator().manual_seed(5)
+    seg_target = torch.zeros(2, 64, 64, dtype=torch.long)
+    seg_target[0, :, 32:] = 1  # right half class 1
+    seg_target[1, 16:48, 16:48] = 3  # centre square class 3
     targets = {
-        "image_labels": torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.0, 1.0, 0.0, 0.0]]),
-        "sal_target": torch.rand(2, 64, 64, generator=generator),
-        "seg_target": torch.randint(0, NUM_CLASSES, (2, 64, 64), generator=generator),
+        "image_labels": torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]]),
+        "sal_target": (seg_target > 0).float(),
+        "seg_target": seg_target,
     }
 
     def total_loss() -> torch.Tensor:
@@ -364,16 +445,17 @@ def test_a_few_sgd_steps_reduce_the_loss() -> None:
 
     with torch.no_grad():
         before = total_loss().item()
-    optimizer = torch.optim.SGD(model.param_groups(lr=0.01, head_lr_mult=1.0), lr=0.01, momentum=0.9)
+    groups = model.param_groups(lr=0.01, head_lr_mult=10.0)
+    optimizer = torch.optim.SGD(groups, lr=0.01, momentum=0.9)
     model.train()
-    for _ in range(15):
+    for _ in range(12):
         optimizer.zero_grad()
         total_loss().backward()
         optimizer.step()
     model.eval()
     with torch.no_grad():
         after = total_loss().item()
-    assert after < before * 0.9
+    assert after < before * 0.85
 
 
 # ---------------------------------------------------------------- rebuilding and weights
@@ -408,7 +490,9 @@ def test_weights_load_from_a_path_and_a_uri(tmp_path) -> None:
     torch.save(source.state_dict(), path)
     for pretrained in (str(path), path.as_uri()):
         loaded = build_backbone("small", small_width=8, pretrained=pretrained)
-        for (name, a), b in zip(source.state_dict().items(), loaded.state_dict().values()):
+        for (name, a), b in zip(
+            source.state_dict().items(), loaded.state_dict().values(), strict=True
+        ):
             torch.testing.assert_close(a, b, msg=name)
         assert set(loaded.frozen_parameter_names()) == {
             n for n, p in loaded.named_parameters() if not p.requires_grad
@@ -438,15 +522,15 @@ def test_missing_and_unexpected_keys_are_reported(tmp_path) -> None:
 
 def test_missing_or_bad_weights_files_are_named(tmp_path) -> None:
     absent = tmp_path / "nowhere" / "weights.pth"
-    with pytest.raises(FileNotFoundError, match="weights.pth"):
+    with pytest.raises(FileNotFoundError, match=r"weights\.pth"):
         build_backbone("small", pretrained=str(absent))
-    with pytest.raises(FileNotFoundError, match="weights.pth"):
+    with pytest.raises(FileNotFoundError, match=r"weights\.pth"):
         build_backbone("small", pretrained=absent.as_uri())
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="garbage.pth"):
+    with pytest.raises(ValueError, match=r"garbage\.pth"):
         build_backbone("small", pretrained=str(garbage))
     unrelated = tmp_path / "unrelated.pth"
     torch.save({"something.else": torch.zeros(1)}, unrelated)
-    with pytest.raises(ValueError, match="unrelated.pth"):
+    with pytest.raises(ValueError, match=r"unrelated\.pth"):
         build_backbone("small", pretrained=str(unrelated))

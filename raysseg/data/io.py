@@ -141,6 +141,63 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
         raise
 
 
+def _writes_are_atomic(uri: str) -> bool:
+    return _is_uri(uri) and urlparse(uri).scheme in _ATOMIC_PUT_SCHEMES
+
+
+def copy_file(source: str, destination: str) -> None:
+    """Stream-copy a file (any filesystem to any); the destination appears whole or not at all."""
+    source_fs, source_path = resolve(source)
+    destination_fs, destination_path = resolve(destination)
+    if source_fs.get_file_info(source_path).type != pafs.FileType.File:
+        raise FileNotFoundError(f"file not found: '{source}'")
+    if _writes_are_atomic(destination):
+        pafs.copy_files(source_path, destination_path, source_fs, destination_fs)
+        return
+    folder, name = posixpath.split(destination_path)
+    destination_fs.create_dir(folder, recursive=True)
+    temp_path = posixpath.join(folder, f".{name}.tmp-{uuid.uuid4().hex}")
+    try:
+        pafs.copy_files(source_path, temp_path, source_fs, destination_fs)
+        if isinstance(destination_fs, pafs.LocalFileSystem):
+            os.replace(temp_path, destination_path)
+        else:
+            destination_fs.move(temp_path, destination_path)
+    except BaseException:
+        if destination_fs.get_file_info(temp_path).type != pafs.FileType.NotFound:
+            destination_fs.delete_file(temp_path)
+        raise
+
+
+def replace_dir(source_dir: str, destination_dir: str) -> None:
+    """Move folder `source_dir` to `destination_dir`, replacing whatever was there.
+
+    Local: the old folder is renamed aside, the new one renamed in, then the old one deleted, so
+    the destination is missing only between two renames. Object stores have no folder rename:
+    the old files are deleted and each new file moved (copy + delete) into place.
+    """
+    source_fs, source_path = resolve(source_dir)
+    destination_fs, destination_path = resolve(destination_dir)
+    if source_fs.get_file_info(source_path).type != pafs.FileType.Directory:
+        raise FileNotFoundError(f"folder not found: '{source_dir}'")
+    old_exists = destination_fs.get_file_info(destination_path).type != pafs.FileType.NotFound
+    if isinstance(destination_fs, pafs.LocalFileSystem) and isinstance(
+        source_fs, pafs.LocalFileSystem
+    ):
+        aside = f"{destination_path}.old-{uuid.uuid4().hex}"
+        if old_exists:
+            os.replace(destination_path, aside)
+        os.makedirs(os.path.dirname(destination_path) or ".", exist_ok=True)
+        os.replace(source_path, destination_path)
+        if old_exists:
+            destination_fs.delete_dir(aside)
+        return
+    if old_exists:
+        destination_fs.delete_dir(destination_path)
+    pafs.copy_files(source_path, destination_path, source_fs, destination_fs)
+    source_fs.delete_dir(source_path)
+
+
 def _open_pil(uri: str) -> Image.Image:
     """Open and fully decode with PIL; any failure becomes ImageReadError naming the file."""
     data = read_bytes(uri)
@@ -298,6 +355,7 @@ def saliency_to_uint8(saliency: np.ndarray) -> np.ndarray:
 
 __all__ = [
     "ImageReadError",
+    "copy_file",
     "delete_file",
     "encode_png",
     "exists",
@@ -310,6 +368,7 @@ __all__ = [
     "read_image",
     "read_label",
     "read_saliency",
+    "replace_dir",
     "resolve",
     "saliency_to_uint8",
     "voc_palette",

@@ -216,8 +216,8 @@ def class_names_for(source: str, root: str = "", class_names_file: str = "") -> 
 
 
 def _resolve_class_names(class_names: Sequence[str] | str | None, default: Sequence[str]) -> list:
-    if class_names is None:
-        return list(default)
+    if class_names is None or (isinstance(class_names, str) and not class_names):
+        return list(default)  # "" = config default "use the source's own names"
     if isinstance(class_names, (str, os.PathLike)):
         return read_class_names(os.fspath(class_names))
     return list(class_names)
@@ -619,9 +619,9 @@ def write_manifest(
 
 
 def _iter_parquet_batches(path: str, batch_size: int = 4096) -> Iterator[pa.RecordBatch]:
-    files = io.list_files(path, suffix=".parquet") if io.is_dir(path) else [path]
-    if not files and not io.exists(path):
+    if not io.exists(path):
         raise DataError(f"manifest not found: '{path}'")
+    files = io.list_files(path, suffix=".parquet") if io.is_dir(path) else [path]
     for uri in files:
         filesystem, file_path = io.resolve(uri)
         try:

@@ -15,7 +15,14 @@ from raysseg.distributed.session import ray_session
 
 # Sizes chosen so the whole demo stays well under 15 minutes on 2 CPU cores (see README).
 DEMO_SETTINGS = {
-    "full": {"n_train": 600, "n_val": 120, "size": 96, "warmup_epochs": 8, "epochs": 5, "stages": 3},
+    "full": {
+        "n_train": 600,
+        "n_val": 120,
+        "size": 96,
+        "warmup_epochs": 8,
+        "epochs": 5,
+        "stages": 3,
+    },
     "quick": {"n_train": 48, "n_val": 12, "size": 64, "warmup_epochs": 1, "epochs": 1, "stages": 2},
 }
 
@@ -61,8 +68,11 @@ def run_demo(out_dir: str = "runs/demo", quick: bool = False, num_cpus: int | No
     if not io.exists(os.path.join(config.data.root, "class_names.txt")):
         print(f"generating the synthetic dataset in {config.data.root}")
         generate_synthetic(
-            config.data.root, n_train=settings["n_train"], n_val=settings["n_val"],
-            size=settings["size"], seed=0,
+            config.data.root,
+            n_train=settings["n_train"],
+            n_val=settings["n_val"],
+            size=settings["size"],
+            seed=0,
         )
     # Logical CPUs above the core count keep Ray Data reads from starving behind the actor pools.
     cpus = num_cpus or max(4, os.cpu_count() or 1)

@@ -82,7 +82,9 @@ def _run_step(config: Config, step: Step, counter: str, log: Callable[[str], Non
 def _brief(result: dict[str, Any]) -> str:
     keys = ("images", "written", "errors", "label_miou", "val_miou", "miou")
     shown = {k: result[k] for k in keys if k in result}
-    return " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items())
+    return " ".join(
+        f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()
+    )
 
 
 def _marker(run_dir: str, step: str) -> str:
@@ -124,9 +126,7 @@ def prepare_run_dir(config: Config) -> None:
 def _changed_keys(saved: Config, current: Config) -> list[str]:
     old, new = to_flat_dict(saved), to_flat_dict(current)
     return sorted(
-        key
-        for key in new
-        if old.get(key) != new[key] and not key.startswith(RESUMABLE_KEYS)
+        key for key in new if old.get(key) != new[key] and not key.startswith(RESUMABLE_KEYS)
     )
 
 
@@ -142,7 +142,10 @@ def plan_steps(config: Config, full_supervision: bool) -> list[Step]:
     else:
         steps.append(Step("warmup", lambda: _train_step(config, "warmup", "warmup", "", 0)))
         steps.append(
-            Step("stage_0/labels", lambda: _labels_step(config, 0, "initial", _checkpoint(run, "warmup")))
+            Step(
+                "stage_0/labels",
+                lambda: _labels_step(config, 0, "initial", _checkpoint(run, "warmup")),
+            )
         )
     for stage in range(config.stages.count):
         init = "" if full_supervision and stage == 0 else _previous_checkpoint(run, stage)
@@ -158,7 +161,10 @@ def plan_steps(config: Config, full_supervision: bool) -> list[Step]:
                 Step(
                     f"stage_{stage}/refine",
                     _bind(
-                        _labels_step, config, stage + 1, "refine",
+                        _labels_step,
+                        config,
+                        stage + 1,
+                        "refine",
                         _checkpoint(run, f"stage_{stage}/train"),
                     ),
                 )
@@ -206,9 +212,7 @@ def _val_records(config: Config) -> Iterator[Record] | None:
         split_file = io.join(data.root, "ImageSets", "Segmentation", f"{data.val_split}.txt")
         if not data.val_split or not io.exists(split_file):
             return None
-    elif data.source == "coco" and not data.coco_val_annotations:
-        return None
-    elif data.source == "folder":
+    elif (data.source == "coco" and not data.coco_val_annotations) or data.source == "folder":
         return None
     return (r for r in _records(config, data.val_split, data.coco_val_annotations) if r.mask_uri)
 
@@ -248,8 +252,10 @@ def _train_step(config: Config, name: str, mode: str, init: str, label_stage: in
 
 def _labels_step(config: Config, stage: int, mode: str, checkpoint: str) -> dict:
     run = config.run_dir
-    in_manifest = layout.dataset_manifest(run, "train") if stage == 0 else layout.stage_manifest(
-        run, stage - 1
+    in_manifest = (
+        layout.dataset_manifest(run, "train")
+        if stage == 0
+        else layout.stage_manifest(run, stage - 1)
     )
     summary = update_labels(
         config,

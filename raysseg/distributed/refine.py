@@ -15,7 +15,6 @@ import time
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import ray
 import ray.data
 import torch
@@ -23,6 +22,7 @@ import torch
 from raysseg import layout
 from raysseg.config import IGNORE_INDEX, Config, from_dict, to_dict
 from raysseg.data import io
+from raysseg.data.records import write_manifest
 from raysseg.data.transforms import normalize
 from raysseg.engine.checkpoint import load_checkpoint, restore_model
 from raysseg.labels.cam import multiscale_cam
@@ -92,7 +92,8 @@ def update_labels(
     if summary["errors"] > budget:
         raise RuntimeError(
             f"label update: {summary['errors']} of {summary['images']} images failed, over the "
-            f"error budget ({resources.error_budget:.1%}); see {errors_path}"
+            f"error budget ({resources.error_budget:.1%}); first: {summary.get('first_error')}; "
+            f"all: {errors_path}"
         )
     return summary
 
@@ -106,9 +107,14 @@ def _write_outputs(rows: ray.data.Dataset, out_manifest: str, errors_path: str) 
         "written": int(rows.sum("written") or 0),
     }
     counts["skipped"] = counts["images"] - counts["errors"] - counts["written"]
-    _write_parquet_atomic(succeeded, out_manifest)
     if counts["errors"]:
-        _write_parquet_atomic(failed.select_columns(["image_id", "image_uri", "error"]), errors_path)
+        failed = failed.select_columns(["image_id", "image_uri", "error"])
+        counts["first_error"] = failed.take(1)[0]["error"]
+        _write_parquet_atomic(failed, errors_path)
+    if counts["images"] > counts["errors"]:
+        _write_parquet_atomic(succeeded, out_manifest)
+    else:
+        write_manifest([], out_manifest)  # keeps the schema; Ray writes no file for 0 rows
     return counts
 
 
@@ -197,6 +203,8 @@ def _finalize_row(
         "sal_label_uri": sal_uri,
         "error": row.get("error") or "",
         "written": False,
+        # Provenance: which node labelled the image (debugging, and proof of spreading in tests).
+        "node_id": ray.get_runtime_context().get_node_id(),
         "ignore_fraction": float("nan"),
         "foreground_fraction": float("nan"),
     }
@@ -262,5 +270,3 @@ def _rows_frame(rows: list[dict[str, Any]]):
 
 
 __all__ = ["MODES", "LabelInference", "finalize_batch", "update_labels"]
-
-_ = pa

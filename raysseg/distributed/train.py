@@ -24,7 +24,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from raysseg.config import Config, from_dict, to_dict
 from raysseg.data import io
-from raysseg.data.dataset import StageDataset, collate
+from raysseg.data.dataset import build_stage_dataset, collate
 from raysseg.data.records import read_manifest
 from raysseg.engine.checkpoint import (
     load_checkpoint,
@@ -32,9 +32,9 @@ from raysseg.engine.checkpoint import (
     restore_training_state,
     save_checkpoint,
 )
-from raysseg.engine.loop import evaluate, train_one_epoch
+from raysseg.engine.loop import evaluate, make_grad_scaler, train_one_epoch
 from raysseg.engine.metrics import ConfusionMatrix
-from raysseg.engine.optim import PolyLR, build_optimizer
+from raysseg.engine.optim import PolyLR, build_optimizer, warmup_param_groups
 from raysseg.model.network import build_model
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -96,13 +96,17 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
         load_model_state(load_checkpoint(spec.init_checkpoint), model)
     model.to(device)
     warmup = spec.mode == "warmup"
-    optimizer = build_optimizer(model, config.optim, warmup=warmup)
+    groups = (
+        warmup_param_groups(model, config.optim.lr, config.optim.head_lr_mult) if warmup else None
+    )
+    optimizer = build_optimizer(model, config.optim, groups=groups)
 
     loader, sampler = _train_loader(config, spec, rank, world_size)
-    scheduler = PolyLR(optimizer, total_steps=max(1, spec.epochs * len(loader)),
-                       power=config.optim.poly_power)
+    scheduler = PolyLR(
+        optimizer, total_steps=max(1, spec.epochs * len(loader)), power=config.optim.poly_power
+    )
     use_amp = config.optim.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda") if use_amp else None
+    scaler = make_grad_scaler(device, use_amp)  # None on CPU and with bf16
 
     start_epoch = 0
     checkpoint = ray.train.get_checkpoint()
@@ -133,8 +137,9 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
         )
         metrics = {**_mean_across_workers(metrics, device), "epoch": epoch, "stage": spec.name}
         if epoch == spec.epochs - 1 and spec.val_manifest and not warmup:
-            metrics["val_miou"] = _validate(model, config, spec.val_manifest, device, rank,
-                                            world_size)
+            metrics["val_miou"] = _validate(
+                model, config, spec.val_manifest, device, rank, world_size
+            )
         _report_with_checkpoint(metrics, model, optimizer, scheduler, scaler, epoch, config, rank)
 
 
@@ -142,15 +147,16 @@ def _train_loader(
     config: Config, spec: StageSpec, rank: int, world_size: int
 ) -> tuple[DataLoader, DistributedSampler]:
     records = list(read_manifest(spec.train_manifest))
-    dataset = StageDataset(
-        records,
-        mode="warmup" if spec.mode == "warmup" else "train",
-        num_classes=config.model.num_classes,
-        data_config=config.data,
-        seed=config.optim.seed,
+    mode = "warmup" if spec.mode == "warmup" else "train"
+    dataset = build_stage_dataset(
+        records, mode, config.data, config.model.num_classes, config.optim.seed
     )
     sampler = DistributedSampler(
-        dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=config.optim.seed,
+        dataset,
+        num_replicas=world_size,
+        rank=rank,
+        shuffle=True,
+        seed=config.optim.seed,
         drop_last=len(dataset) >= world_size * config.optim.batch_size,
     )
     loader = DataLoader(
@@ -178,13 +184,16 @@ def _mean_across_workers(metrics: dict[str, float], device: torch.device) -> dic
 
 
 def _validate(
-    model: torch.nn.Module, config: Config, manifest: str, device: torch.device, rank: int,
+    model: torch.nn.Module,
+    config: Config,
+    manifest: str,
+    device: torch.device,
+    rank: int,
     world_size: int,
 ) -> float:
     """Single-scale val mIoU: each worker scores its shard, one all-reduce of the confusion matrix."""
     records = [r for i, r in enumerate(read_manifest(manifest)) if i % world_size == rank]
-    dataset = StageDataset(records, mode="eval", num_classes=config.model.num_classes,
-                           data_config=config.data, seed=0)
+    dataset = build_stage_dataset(records, "eval", config.data, config.model.num_classes, 0)
     loader = DataLoader(dataset, batch_size=1, collate_fn=collate)
     if records:
         confusion = evaluate(model, loader, device, config.model.num_classes)["confusion"]
@@ -197,7 +206,13 @@ def _validate(
 
 
 def _report_with_checkpoint(
-    metrics: dict[str, Any], model, optimizer, scheduler, scaler, epoch: int, config: Config,
+    metrics: dict[str, Any],
+    model,
+    optimizer,
+    scheduler,
+    scaler,
+    epoch: int,
+    config: Config,
     rank: int,
 ) -> None:
     """Every rank reports (a barrier); rank 0 attaches the checkpoint."""
@@ -212,6 +227,7 @@ def _report_with_checkpoint(
                 scaler=scaler,
                 epoch=epoch + 1,
                 config_dict=to_dict(config),
+                extra={k: v for k, v in metrics.items() if isinstance(v, (int, float))},
             )
             checkpoint = Checkpoint.from_directory(folder)
         ray.train.report(metrics, checkpoint=checkpoint)

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from raysseg.model.network import build_model_from_args
+
 FORMAT = "raysseg-checkpoint-v1"
 # Prefixes that wrappers add to parameter names: DistributedDataParallel and torch.compile.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -110,9 +112,6 @@ def _where(checkpoint: dict[str, Any]) -> str:
 
 def restore_model(checkpoint: dict[str, Any]) -> nn.Module:
     """Rebuild the network from the checkpoint's own arguments and weights (CPU, eval mode)."""
-    # Imported here so that reading checkpoints and metrics does not pull in every backbone.
-    from raysseg.model.network import build_model_from_args
-
     model = build_model_from_args(dict(checkpoint["model_args"]))
     load_model_state(checkpoint, model)
     return model.eval()

@@ -17,7 +17,9 @@ PROB_CLIP = 1e-5  # keeps -log(p) finite
 def _contiguous_image(image: np.ndarray) -> np.ndarray:
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"CRF: expected a uint8 (H, W, 3) image, got shape {image.shape}")
-    return np.ascontiguousarray(image, dtype=np.uint8)
+    # The library's typed memoryviews need a writable buffer; arrays handed over zero-copy by Ray
+    # (or any shared-memory reader) are read-only, so copy only in that case.
+    return np.require(image, dtype=np.uint8, requirements=["C_CONTIGUOUS", "WRITEABLE"])
 
 
 def _run_crf(
@@ -34,7 +36,9 @@ def _run_crf(
     height, width = image.shape[:2]
     num_labels = unary.shape[0]
     crf = dcrf.DenseCRF2D(width, height, num_labels)
-    crf.setUnaryEnergy(np.ascontiguousarray(unary, dtype=np.float32))
+    crf.setUnaryEnergy(
+        np.require(unary, dtype=np.float32, requirements=["C_CONTIGUOUS", "WRITEABLE"])
+    )
     crf.addPairwiseGaussian(sxy=gauss_sxy, compat=gauss_compat)
     crf.addPairwiseBilateral(
         sxy=bilateral_sxy, srgb=bilateral_srgb, rgbim=image, compat=bilateral_compat

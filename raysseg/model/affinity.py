@@ -24,10 +24,11 @@ from torch import Tensor, nn
 # 8 channels give the gate 8 local detectors of how the two affinities agree, at little memory.
 OMEGA_HIDDEN_CHANNELS = 8
 
-# N-wide float rows alive at the peak of one chunk, per row of the chunk: the stacked pair
-# [A_seg, A_sal] (2) plus its padded copy or pre-softmax logits (2), the Omega hidden map, and
-# 2 rows of slack for the Omega logits / weights and the products. Turns the byte budget into rows.
-NXN_ROWS_PER_CHUNK_ROW = 6 + OMEGA_HIDDEN_CHANNELS
+# N-wide float rows alive at the peak of one chunk, per row of the chunk; turns the byte budget into
+# rows. Counting tensors gives 6 + OMEGA_HIDDEN_CHANNELS (the stacked pair, its padded copy, the
+# hidden map, the Omega logits and weights), but a CPU (oneDNN) conv3x3 adds its own buffers:
+# measured peak RSS with 8 hidden channels was about 41 rows (tests/test_model.py checks it).
+NXN_ROWS_PER_CHUNK_ROW = 48
 
 
 @dataclass
@@ -117,8 +118,14 @@ class TaskAffinity(nn.Module):
 
 
 def task_affinity_rows(query: Tensor, key: Tensor, start: int, stop: int) -> Tensor:
-    """Rows [start, stop) of row_softmax(query . key^T): (B, stop - start, N)."""
-    return torch.softmax(query[:, start:stop] @ key.transpose(1, 2), dim=-1)
+    """Rows [start, stop) of row_softmax(query . key^T): (B, stop - start, N), in float32.
+
+    The logits are unscaled dot products of 128-d features and can exceed the fp16 range, so they
+    are formed in float32 even under autocast.
+    """
+    with torch.autocast(device_type=query.device.type, enabled=False):
+        logits = query[:, start:stop].float() @ key.float().transpose(1, 2)
+        return torch.softmax(logits, dim=-1)
 
 
 class CrossTaskAffinity(nn.Module):

@@ -369,16 +369,15 @@ def _strip_prefixes(state: dict[str, Tensor]) -> dict[str, Tensor]:
 def load_backbone_weights(backbone: nn.Module, source: str) -> tuple[list[str], list[str]]:
     """Load weights into `backbone`; returns (missing, unexpected) keys, which are also logged."""
     state = _strip_prefixes(read_state_dict(source))
-    try:
-        result = backbone.load_state_dict(state, strict=False)
-    except RuntimeError as error:  # shape mismatches
-        raise ValueError(f"pretrained weights '{source}': {error}") from error
-    own_keys = backbone.state_dict().keys()
-    if len(result.missing_keys) == len(own_keys):
+    if not set(state) & set(backbone.state_dict()):
         first = ", ".join(list(state)[:5])
         raise ValueError(
             f"pretrained weights '{source}': no key matches the backbone (file starts with {first})"
         )
+    try:
+        result = backbone.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # shape mismatches
+        raise ValueError(f"pretrained weights '{source}': {error}") from error
     _report_keys(source, result.missing_keys, result.unexpected_keys)
     return list(result.missing_keys), list(result.unexpected_keys)
 

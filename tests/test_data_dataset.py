@@ -1,0 +1,135 @@
+"""raysseg.data.dataset: the three modes, per-item determinism, collate."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from raysseg.config import DataConfig
+from raysseg.data import io
+from raysseg.data.dataset import StageDataset, build_stage_dataset, collate
+from raysseg.data.records import DataError, Record
+
+NUM_CLASSES = 4
+
+
+def _records(tmp_path, count=3):
+    rng = np.random.default_rng(0)
+    records = []
+    for index in range(count):
+        height, width = 20 + index * 3, 26 - index
+        image = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+        image_uri = str(tmp_path / f"im{index}.png")
+        Image.fromarray(image).save(image_uri)
+        gt = np.zeros((height, width), np.uint8)
+        gt[2:8, 3:9] = 1 + index % 3
+        gt[0, 0] = 255
+        seg = gt.copy()
+        seg[10:, :] = 255
+        sal = (gt > 0).astype(np.uint8) * 255
+        paths = {name: str(tmp_path / f"{name}{index}.png") for name in ("gt", "seg", "sal")}
+        io.write_png_atomic(paths["gt"], gt, io.voc_palette())
+        io.write_png_atomic(paths["seg"], seg, io.voc_palette())
+        io.write_png_atomic(paths["sal"], sal)
+        records.append(
+            Record(
+                image_id=f"im{index}",
+                image_uri=image_uri,
+                labels=(1 + index % 3,),
+                mask_uri=paths["gt"],
+                seg_label_uri=paths["seg"],
+                sal_label_uri=paths["sal"],
+            )
+        )
+    return records
+
+
+def _dataset(records, mode, **overrides):
+    settings = dict(crop_size=16, scale_min=0.8, scale_max=1.2, flip=True, color_jitter=0.2)
+    settings.update(overrides)
+    return StageDataset(records, mode=mode, num_classes=NUM_CLASSES, seed=3, **settings)
+
+
+def test_warmup_mode(tmp_path):
+    records = _records(tmp_path)
+    item = _dataset(records, "warmup")[1]
+    assert set(item) == {"image_id", "image", "labels", "valid"}
+    assert item["image"].shape == (3, 16, 16) and item["image"].dtype == torch.float32
+    assert item["labels"].tolist() == [0.0, 1.0, 0.0]
+    assert item["image_id"] == "im1"
+
+
+def test_train_mode(tmp_path):
+    records = _records(tmp_path)
+    item = _dataset(records, "train")[0]
+    assert set(item) == {"image_id", "image", "labels", "valid", "seg", "sal"}
+    assert item["seg"].shape == (16, 16) and item["seg"].dtype == torch.int64
+    assert item["sal"].shape == (16, 16) and item["sal"].dtype == torch.float32
+    assert item["sal"].min() >= 0.0 and item["sal"].max() <= 1.0
+    assert set(item["seg"].unique().tolist()) <= {0, 1, 255}
+    # Same geometry on both maps: saliency is high on the pseudo label's foreground, low elsewhere
+    # (not exactly 1/0: saliency is resized bilinearly, labels nearest).
+    assert (item["seg"] == 1).any()
+    assert item["sal"][item["seg"] == 1].mean() > 0.8
+    assert item["sal"][item["seg"] == 0].mean() < 0.2
+
+
+def test_train_mode_needs_pseudo_labels(tmp_path):
+    records = [dataclasses.replace(r, seg_label_uri="") for r in _records(tmp_path, 1)]
+    with pytest.raises(DataError, match="im0"):
+        _dataset(records, "train")[0]
+
+
+def test_eval_mode_full_image(tmp_path):
+    records = _records(tmp_path)
+    dataset = _dataset(records, "eval")
+    item = dataset[2]
+    assert item["image"].shape == (3, 26, 24)
+    assert item["gt"].dtype == torch.int64
+    np.testing.assert_array_equal(item["gt"].numpy(), io.read_label(records[2].mask_uri))
+    np.testing.assert_array_equal(item["rgb"].numpy(), io.read_image(records[2].image_uri))
+    # No augmentation: the same item every epoch.
+    dataset.set_epoch(5)
+    assert torch.equal(dataset[2]["image"], item["image"])
+    batch = collate([item])
+    assert batch["image"].shape == (1, 3, 26, 24) and batch["image_id"] == ["im2"]
+    with pytest.raises(ValueError, match="batch_size=1"):
+        collate([dataset[0], dataset[1]])
+
+
+def test_per_item_determinism_and_epochs(tmp_path):
+    records = _records(tmp_path)
+    first = _dataset(records, "train")
+    second = _dataset(records, "train")
+    # Access order does not matter (as with DataLoader workers): item i = f(seed, epoch, i).
+    a = [first[i]["image"] for i in (0, 1, 2)]
+    b = [second[i]["image"] for i in (2, 1, 0)][::-1]
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    first.set_epoch(1)
+    changed = [not torch.equal(first[i]["image"], a[i]) for i in range(3)]
+    assert any(changed)
+
+
+def test_collate_train_batch(tmp_path):
+    records = _records(tmp_path)
+    dataset = _dataset(records, "train")
+    loader = torch.utils.data.DataLoader(dataset, batch_size=3, collate_fn=collate)
+    batch = next(iter(loader))
+    assert batch["image"].shape == (3, 3, 16, 16)
+    assert batch["seg"].shape == (3, 16, 16) and batch["sal"].shape == (3, 16, 16)
+    assert batch["labels"].shape == (3, NUM_CLASSES - 1)
+    assert batch["valid"].dtype == torch.bool
+    assert batch["image_id"] == ["im0", "im1", "im2"]
+
+
+def test_build_from_config_and_bad_mode(tmp_path):
+    records = _records(tmp_path, 1)
+    config = DataConfig(crop_size=12, flip=False, color_jitter=0.0)
+    dataset = build_stage_dataset(records, "warmup", config, num_classes=NUM_CLASSES, seed=0)
+    assert dataset[0]["image"].shape == (3, 12, 12)
+    with pytest.raises(ValueError, match="mode"):
+        StageDataset(records, mode="test", num_classes=NUM_CLASSES)

@@ -1,0 +1,368 @@
+"""raysseg.data.records: VOC / COCO / folder readers, errors that name things, manifests."""
+
+from __future__ import annotations
+
+import json
+import types
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from raysseg.data import io
+from raysseg.data.records import (
+    COCO_CLASS_NAMES,
+    VOC_CLASS_NAMES,
+    DataError,
+    Record,
+    class_names_for,
+    coco_class_names,
+    coco_records,
+    folder_records,
+    labels_to_multihot,
+    read_manifest,
+    voc_records,
+    write_manifest,
+)
+
+
+def _write_voc(
+    root: Path,
+    masks: dict[str, np.ndarray | None],
+    split: str = "train",
+    class_names: list[str] | None = None,
+    saliency_ids: tuple[str, ...] = (),
+    split_ids: list[str] | None = None,
+) -> None:
+    """A tiny VOC-layout folder: JPEGImages, SegmentationClass (palette PNGs), ImageSets."""
+    for folder in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation", "saliency"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for image_id, mask in masks.items():
+        shape = mask.shape if mask is not None else (8, 10)
+        rgb = rng.integers(0, 256, size=(*shape, 3), dtype=np.uint8)
+        Image.fromarray(rgb).save(root / "JPEGImages" / f"{image_id}.jpg")
+        if mask is not None:
+            io.write_png_atomic(
+                str(root / "SegmentationClass" / f"{image_id}.png"), mask, io.voc_palette()
+            )
+    for image_id in saliency_ids:
+        io.write_png_atomic(str(root / "saliency" / f"{image_id}.png"), np.zeros((8, 10), np.uint8))
+    lines = split_ids if split_ids is not None else list(masks)
+    (root / "ImageSets/Segmentation" / f"{split}.txt").write_text("\n".join(lines) + "\n")
+    if class_names is not None:
+        (root / "class_names.txt").write_text("\n".join(class_names) + "\n")
+
+
+def _mask(values: list[int], shape=(8, 10)) -> np.ndarray:
+    mask = np.zeros(shape, np.uint8)
+    for position, value in enumerate(values):
+        mask[position, :4] = value
+    return mask
+
+
+# ----------------------------------------------------------------------------------------------
+# VOC
+
+
+def test_voc_records_labels_from_palette_masks(tmp_path):
+    _write_voc(
+        tmp_path,
+        {"a": _mask([15, 255, 2]), "b": _mask([0]), "c": _mask([20, 1])},
+        saliency_ids=("a",),
+    )
+    records = voc_records(str(tmp_path), "train")
+    assert isinstance(records, types.GeneratorType)  # streaming, not a list
+    records = list(records)
+    assert [r.image_id for r in records] == ["a", "b", "c"]
+    assert [r.labels for r in records] == [(2, 15), (), (1, 20)]
+    assert records[0].saliency_uri.endswith("saliency/a.png")
+    assert records[1].saliency_uri == ""
+    assert records[0].mask_uri.endswith("SegmentationClass/a.png")
+    assert records[0].image_uri.endswith("JPEGImages/a.jpg")
+
+
+def test_voc_records_honours_class_names_txt(tmp_path):
+    names = ["background", "cat", "dog"]
+    _write_voc(tmp_path, {"a": _mask([2])}, class_names=names)
+    assert [r.labels for r in voc_records(str(tmp_path), "train")] == [(2,)]
+    assert class_names_for("voc", root=str(tmp_path)) == names
+    # An id beyond the file's classes is an error naming the mask and the value.
+    _write_voc(tmp_path, {"a": _mask([2]), "b": _mask([5])}, class_names=names)
+    with pytest.raises(DataError, match=r"b\.png.*class id 5"):
+        list(voc_records(str(tmp_path), "train"))
+
+
+def test_voc_default_class_names():
+    assert class_names_for("voc") == list(VOC_CLASS_NAMES)
+    assert len(VOC_CLASS_NAMES) == 21
+
+
+def test_voc_records_labels_file_when_mask_absent(tmp_path):
+    _write_voc(tmp_path, {"a": _mask([3]), "b": None, "c": None})
+    labels_csv = tmp_path / "labels.csv"
+    labels_csv.write_text("image_id,labels\nb,person dog\nc,5\n")
+    records = list(voc_records(str(tmp_path), "train", labels_file=str(labels_csv)))
+    assert [r.labels for r in records] == [(3,), (12, 15), (5,)]
+    assert records[1].mask_uri == ""
+    # A mask-less image missing from the labels file is an error naming the image.
+    labels_csv.write_text("image_id,labels\nb,person\n")
+    with pytest.raises(DataError, match="'c'"):
+        list(voc_records(str(tmp_path), "train", labels_file=str(labels_csv)))
+
+
+def test_voc_missing_split_file_named(tmp_path):
+    _write_voc(tmp_path, {"a": _mask([3])})
+    with pytest.raises(DataError, match=r"val\.txt"):
+        list(voc_records(str(tmp_path), "val"))
+
+
+def test_voc_split_lists_missing_image(tmp_path):
+    _write_voc(tmp_path, {"a": _mask([3])}, split_ids=["a", "ghost"])
+    with pytest.raises(DataError, match=r"ghost.*JPEGImages/ghost\.jpg"):
+        list(voc_records(str(tmp_path), "train"))
+
+
+def test_voc_duplicate_id(tmp_path):
+    _write_voc(tmp_path, {"a": _mask([3]), "b": _mask([4])}, split_ids=["a", "b", "a"])
+    with pytest.raises(DataError, match=r"train\.txt.*duplicate image id 'a'"):
+        list(voc_records(str(tmp_path), "train"))
+
+
+def test_voc_real_image_through_tiny_voc_folder(tmp_path, voc_sample):
+    """The real VOC image + mask, written as a VOC folder, reads back exactly (mask) / closely."""
+    root = tmp_path / "voc"
+    for folder in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (root / folder).mkdir(parents=True)
+    Image.fromarray(voc_sample["rgb"]).save(root / "JPEGImages" / "real.jpg", quality=95)
+    io.write_png_atomic(
+        str(root / "SegmentationClass" / "real.png"), voc_sample["mask"], io.voc_palette()
+    )
+    (root / "ImageSets/Segmentation/val.txt").write_text("real\n")
+    (record,) = list(voc_records(str(root), "val", class_names=voc_sample["class_names"]))
+    expected = sorted(int(c) for c in np.unique(voc_sample["mask"]) if c not in (0, 255))
+    assert record.labels == tuple(expected) and expected
+    np.testing.assert_array_equal(io.read_label(record.mask_uri), voc_sample["mask"])
+    rgb = io.read_image(record.image_uri)
+    assert rgb.shape == (375, 500, 3)
+    assert np.abs(rgb.astype(int) - voc_sample["rgb"]).mean() < 4  # JPEG re-encoding loss
+
+
+# ----------------------------------------------------------------------------------------------
+# COCO
+
+# The 80 COCO category ids: 1..90 without these ten.
+_COCO_GAPS = {12, 26, 29, 30, 45, 66, 68, 69, 71, 83}
+_COCO_IDS = [i for i in range(1, 91) if i not in _COCO_GAPS]
+
+
+def _uncompressed_rle(mask: np.ndarray) -> dict:
+    """COCO uncompressed RLE: run lengths over the column-major flattening, starting with 0s."""
+    flat = mask.flatten(order="F").astype(np.uint8)
+    counts, current, run = [], 0, 0
+    for value in flat:
+        if value != current:
+            counts.append(run)
+            current, run = value, 0
+        run += 1
+    counts.append(run)
+    return {"counts": counts, "size": list(mask.shape)}
+
+
+def _coco_json(path: Path) -> None:
+    height, width = 20, 30
+    crowd = np.zeros((height, width), np.uint8)
+    crowd[10:20, 0:30] = 1  # the bottom half is a crowd
+    categories = [
+        {"id": cid, "name": COCO_CLASS_NAMES[i + 1].replace("_", " "), "supercategory": "x"}
+        for i, cid in enumerate(_COCO_IDS)
+    ]
+    annotations = [
+        # person: a polygon square x 2..12, y 2..8
+        {"id": 1, "image_id": 7, "category_id": 1, "iscrowd": 0, "area": 60.0,
+         "segmentation": [[2, 2, 12, 2, 12, 8, 2, 8]], "bbox": [2, 2, 10, 6]},
+        # toothbrush (category 90 -> class 80): a polygon inside the crowd region
+        {"id": 2, "image_id": 7, "category_id": 90, "iscrowd": 0, "area": 40.0,
+         "segmentation": [[20, 12, 28, 12, 28, 17, 20, 17]], "bbox": [20, 12, 8, 5]},
+        # a crowd of dogs (category 18 -> class 17) as an uncompressed RLE
+        {"id": 3, "image_id": 7, "category_id": 18, "iscrowd": 1, "area": 300.0,
+         "segmentation": _uncompressed_rle(crowd), "bbox": [0, 10, 30, 10]},
+    ]  # fmt: skip
+    images = [
+        {"id": 7, "file_name": "COCO_train2014_000000000007.jpg", "height": height, "width": width},
+        {"id": 3, "file_name": "COCO_train2014_000000000003.jpg", "height": 10, "width": 12},
+    ]
+    data = {"images": images, "annotations": annotations, "categories": categories}
+    path.write_text(json.dumps(data))
+
+
+def test_coco_records_masks_and_labels(tmp_path):
+    annotation_json = tmp_path / "instances.json"
+    _coco_json(annotation_json)
+    mask_dir = tmp_path / "masks"
+    records = list(coco_records(str(annotation_json), str(tmp_path / "images"), str(mask_dir)))
+    # Image-id order: image 3 (no annotations) first.
+    assert [r.image_id for r in records] == [
+        "COCO_train2014_000000000003",
+        "COCO_train2014_000000000007",
+    ]
+    empty, full = records
+    assert empty.labels == ()
+    assert (io.read_label(empty.mask_uri) == 0).all()
+    assert io.read_label(empty.mask_uri).shape == (10, 12)
+    # Crowd annotations count for image labels (dog = class 17); category 90 -> class 80.
+    assert full.labels == (1, 17, 80)
+    mask = io.read_label(full.mask_uri)
+    assert mask.shape == (20, 30)
+    assert (mask[3:7, 3:11] == 1).all()  # person interior
+    assert (mask[13:16, 21:27] == 80).all()  # toothbrush wins over the crowd under it
+    assert mask[18, 2] == 255 and mask[11, 15] == 255  # crowd elsewhere is ignored
+    assert mask[0, 29] == 0  # background
+    assert 17 not in np.unique(mask)  # a crowd is never painted as its class
+    assert full.image_uri.endswith("images/COCO_train2014_000000000007.jpg")
+
+
+def test_coco_masks_written_once(tmp_path):
+    annotation_json = tmp_path / "instances.json"
+    _coco_json(annotation_json)
+    mask_dir = tmp_path / "masks"
+    first = list(coco_records(str(annotation_json), str(tmp_path), str(mask_dir)))
+    marker = np.full((10, 12), 9, np.uint8)  # overwrite one mask: a rerun must keep it
+    io.write_png_atomic(first[0].mask_uri, marker, io.voc_palette())
+    list(coco_records(str(annotation_json), str(tmp_path), str(mask_dir)))
+    assert (io.read_label(first[0].mask_uri) == 9).all()
+    assert sorted(p.name for p in mask_dir.iterdir()) == [f"{r.image_id}.png" for r in first]
+
+
+def test_coco_81_class_mapping(tmp_path):
+    annotation_json = tmp_path / "instances.json"
+    _coco_json(annotation_json)
+    names = coco_class_names(str(annotation_json))
+    assert len(names) == 81 and names[0] == "background"
+    assert names == list(COCO_CLASS_NAMES)
+    assert names[1] == "person" and names[80] == "toothbrush"
+    assert class_names_for("coco") == list(COCO_CLASS_NAMES)
+
+
+def test_coco_corrupt_json_names_file(tmp_path):
+    bad = tmp_path / "broken_instances.json"
+    bad.write_text('{"images": [1, 2')
+    with pytest.raises(DataError, match=r"broken_instances\.json"):
+        list(coco_records(str(bad), str(tmp_path), str(tmp_path / "m")))
+    bad.write_text('{"images": []}')
+    with pytest.raises(DataError, match=r"broken_instances\.json.*annotations"):
+        list(coco_records(str(bad), str(tmp_path), str(tmp_path / "m")))
+
+
+# ----------------------------------------------------------------------------------------------
+# Folder
+
+
+def _touch_images(folder: Path, names: list[str]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(folder / name)
+
+
+def test_folder_records_csv(tmp_path):
+    _touch_images(tmp_path / "img", ["x.jpg", "y.png", "z.jpg"])
+    labels_csv = tmp_path / "labels.csv"
+    labels_csv.write_text("image_id,labels\nx,dog cat\ny,2\nz.jpg,\n")
+    names = ["background", "cat", "dog"]
+    records = folder_records(str(tmp_path / "img"), str(labels_csv), names)
+    assert isinstance(records, types.GeneratorType)
+    records = list(records)
+    assert [(r.image_id, r.labels) for r in records] == [("x", (1, 2)), ("y", (2,)), ("z", ())]
+    assert records[1].image_uri.endswith("img/y.png")
+    assert records[2].image_uri.endswith("img/z.jpg")
+
+
+def test_folder_records_parquet_and_names_file(tmp_path):
+    _touch_images(tmp_path / "img", ["p.jpg", "q.jpg"])
+    table = pa.table({"image_id": ["p", "q"], "labels": [["bird"], ["cat", "bird"]]})
+    pq.write_table(table, tmp_path / "labels.parquet")
+    names_file = tmp_path / "names.txt"
+    names_file.write_text("background\ncat\nbird\n")
+    records = list(
+        folder_records(str(tmp_path / "img"), str(tmp_path / "labels.parquet"), str(names_file))
+    )
+    assert [r.labels for r in records] == [(2,), (1, 2)]
+
+
+def test_folder_records_unknown_class_name(tmp_path):
+    _touch_images(tmp_path / "img", ["x.jpg"])
+    labels_csv = tmp_path / "my_labels.csv"
+    labels_csv.write_text("image_id,labels\nx,dog unicorn\n")
+    with pytest.raises(DataError, match=r"my_labels\.csv.*'x'.*unicorn"):
+        list(folder_records(str(tmp_path / "img"), str(labels_csv), ["background", "dog"]))
+
+
+def test_folder_records_bad_id_and_duplicates(tmp_path):
+    _touch_images(tmp_path / "img", ["x.jpg"])
+    labels_csv = tmp_path / "labels.csv"
+    labels_csv.write_text("image_id,labels\nx,7\n")
+    with pytest.raises(DataError, match="'7'"):
+        list(folder_records(str(tmp_path / "img"), str(labels_csv), ["background", "dog"]))
+    labels_csv.write_text("image_id,labels\nx,dog\nx,dog\n")
+    with pytest.raises(DataError, match="duplicate image id 'x'"):
+        list(folder_records(str(tmp_path / "img"), str(labels_csv), ["background", "dog"]))
+    labels_csv.write_text("image_id,labels\nmissing,dog\n")
+    with pytest.raises(DataError, match="missing"):
+        list(folder_records(str(tmp_path / "img"), str(labels_csv), ["background", "dog"]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Manifest, multi-hot
+
+
+def _many_records(count: int):
+    for index in range(count):
+        yield Record(
+            image_id=f"img{index:05d}",
+            image_uri=f"s3://bucket/images/img{index:05d}.jpg",
+            labels=tuple(sorted({1 + index % 20, 1 + (index * 7) % 20})),
+            mask_uri="" if index % 3 else f"/data/masks/img{index:05d}.png",
+            saliency_uri=f"/sal/{index}.png" if index % 2 else "",
+            seg_label_uri=f"run/stage_0/labels/img{index:05d}_seg.png",
+            sal_label_uri=f"run/stage_0/labels/img{index:05d}_sal.png",
+        )
+
+
+def test_manifest_roundtrip_over_several_files(tmp_path):
+    path = str(tmp_path / "manifest.parquet")
+    written = write_manifest(_many_records(2500), path, rows_per_file=1000)
+    assert written == 2500
+    parts = sorted(p.name for p in Path(path).iterdir())
+    assert parts == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    schema = pq.read_schema(Path(path) / parts[0])
+    assert schema.field("labels").type == pa.list_(pa.int16())
+    stream = read_manifest(path, batch_size=100)
+    assert isinstance(stream, types.GeneratorType)
+    assert next(stream) == next(_many_records(1))
+    assert list(read_manifest(path)) == list(_many_records(2500))
+
+
+def test_manifest_overwrite_removes_stale_parts(tmp_path):
+    path = str(tmp_path / "m")
+    write_manifest(_many_records(30), path, rows_per_file=10)
+    write_manifest(_many_records(5), path, rows_per_file=10)
+    assert len(list(Path(path).iterdir())) == 1
+    assert list(read_manifest(path)) == list(_many_records(5))
+    write_manifest(iter(()), path)
+    assert list(read_manifest(path)) == []
+
+
+def test_manifest_missing_named(tmp_path):
+    with pytest.raises(DataError, match="nowhere"):
+        list(read_manifest(str(tmp_path / "nowhere")))
+
+
+def test_labels_to_multihot():
+    multihot = labels_to_multihot((1, 3, 20), 21)
+    assert multihot.dtype == np.float32 and multihot.shape == (20,)
+    assert multihot.nonzero()[0].tolist() == [0, 2, 19]
+    with pytest.raises(DataError, match="21"):
+        labels_to_multihot((21,), 21)

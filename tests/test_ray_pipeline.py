@@ -1,0 +1,158 @@
+"""The Ray shell on a local CPU cluster: a training stage, the label update, the pipeline, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import ray
+from ray_helpers import tiny_config
+
+from raysseg import layout
+from raysseg.data import io
+from raysseg.data.records import read_manifest, voc_records, write_manifest
+from raysseg.data.synth import generate_synthetic
+from raysseg.distributed.pipeline import run_pipeline
+from raysseg.distributed.refine import update_labels
+from raysseg.distributed.train import StageSpec, train_stage
+from raysseg.engine.checkpoint import load_checkpoint
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
+
+
+@pytest.fixture(scope="module")
+def local_ray(tmp_path_factory):
+    # More logical CPUs than cores: Ray Data reads must not starve behind actor pools (RAY_NOTES).
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    ray.init(
+        num_cpus=4,
+        include_dashboard=False,
+        _temp_dir=str(tmp_path_factory.mktemp("ray")),
+    )
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("synth")
+    generate_synthetic(str(root), n_train=16, n_val=4, size=48, seed=1)
+    return root
+
+
+def _train_manifest(config, data_root: Path) -> str:
+    path = layout.dataset_manifest(config.run_dir, "train")
+    write_manifest(voc_records(str(data_root), "train"), path)
+    return path
+
+
+def test_two_worker_training_stage_learns_and_resumes(local_ray, tiny_data, tmp_path) -> None:
+    config = tiny_config(
+        tiny_data,
+        tmp_path / "run",
+        "resources.num_workers=2",
+        "optim.lr=0.05",
+        "data.color_jitter=0",
+        "data.scale_min=1.0",
+        "data.scale_max=1.0",
+    )
+    manifest = _train_manifest(config, tiny_data)
+    spec = StageSpec(
+        name="warmup",
+        mode="warmup",
+        train_manifest=manifest,
+        val_manifest="",
+        init_checkpoint="",
+        epochs=6,
+        storage_path=str(tmp_path / "run" / "warmup" / "train"),
+    )
+    result = train_stage(config, spec)
+    checkpoint = load_checkpoint(result["checkpoint"])
+    assert checkpoint["epoch"] == 6
+    history = _reported_losses(tmp_path / "run" / "warmup" / "train")
+    assert len(history) == 6
+    assert sum(history[-2:]) < sum(history[:2]), history
+
+    # Rerunning the same stage with more epochs resumes from epoch 6 instead of starting over.
+    longer = StageSpec(**{**spec.__dict__, "epochs": 7})
+    resumed = train_stage(config, longer)
+    assert load_checkpoint(resumed["checkpoint"])["epoch"] == 7
+    assert len(_reported_losses(tmp_path / "run" / "warmup" / "train")) == 7
+
+
+def _reported_losses(storage: Path) -> list[float]:
+    """The 'total' loss of every epoch, from the metrics saved beside each checkpoint."""
+    losses = []
+    for folder in sorted(p for p in storage.rglob("checkpoint_*") if p.is_dir()):
+        state = load_checkpoint(str(folder / "checkpoint.pt"))
+        losses.append((state["epoch"], state["extra"].get("total")))
+    return [loss for _, loss in sorted(losses)]
+
+
+def test_label_update_writes_one_label_per_image_then_nothing(local_ray, tiny_data, tmp_path):
+    config = tiny_config(tiny_data, tmp_path / "run")
+    manifest = _train_manifest(config, tiny_data)
+    arguments = {
+        "mode": "ground_truth",
+        "checkpoint": "",
+        "in_manifest": manifest,
+        "labels_root": layout.stage_labels(config.run_dir, 0),
+        "out_manifest": layout.stage_manifest(config.run_dir, 0),
+        "errors_path": layout.stage_errors(config.run_dir, 0),
+        "saliency_cache": layout.saliency_cache(config.run_dir),
+    }
+    first = update_labels(config, **arguments)
+    assert first["images"] == 16 and first["written"] == 16 and first["errors"] == 0
+    seg_files = list(Path(arguments["labels_root"], "seg").rglob("*.png"))
+    assert len(seg_files) == 16
+    rows = list(read_manifest(arguments["out_manifest"]))
+    assert sorted(r.image_id for r in rows) == sorted(f"train_{i:06d}" for i in range(16))
+    assert all(io.exists(r.seg_label_uri) and io.exists(r.sal_label_uri) for r in rows)
+
+    second = update_labels(config, **arguments)
+    assert second["written"] == 0 and second["skipped"] == 16
+    assert len(list(Path(arguments["labels_root"], "seg").rglob("*.png"))) == 16
+
+
+def test_pipeline_end_to_end_then_resume(local_ray, tiny_data, tmp_path) -> None:
+    config = tiny_config(tiny_data, tmp_path / "run")
+    logs: list[str] = []
+    summary = run_pipeline(config, log=logs.append)
+    run = Path(config.run_dir)
+    assert (run / "config.yaml").exists()
+    for step in (
+        "manifest",
+        "warmup",
+        "stage_0/labels",
+        "stage_0/train",
+        "stage_0/refine",
+        "stage_1/train",
+        "stage_1/refine",
+        "final",
+    ):
+        assert (run / f"{step}.DONE").exists(), step
+    labels_0 = summary["stages"][0]
+    assert 0.0 <= labels_0["label_miou"] <= 1.0
+    assert isinstance(summary["final_miou_ms_crf"], float)
+    final_rows = pq.read_table(str(run / "stage_2" / "manifest")).num_rows
+    assert final_rows == 16
+
+    # Delete the last step's marker: the rerun redoes only that step.
+    (run / "final.DONE").unlink()
+    logs.clear()
+    run_pipeline(config, log=logs.append)
+    ran = [line for line in logs if line.endswith(": running")]
+    assert ran == ["[8/8] final: running"], logs
+    assert json.loads((run / "final.DONE").read_text())["miou"] >= 0.0
+
+
+def test_rerun_with_a_different_config_is_refused(local_ray, tiny_data, tmp_path) -> None:
+    from raysseg.config import ConfigError
+    from raysseg.distributed.pipeline import prepare_run_dir
+
+    prepare_run_dir(tiny_config(tiny_data, tmp_path / "run"))
+    with pytest.raises(ConfigError, match="labels.cam_threshold"):
+        prepare_run_dir(tiny_config(tiny_data, tmp_path / "run", "labels.cam_threshold=0.3"))
