@@ -67,6 +67,7 @@ class OptimConfig:
     batch_size: int = 4
     epochs: int = 10  # per stage
     warmup_epochs: int = 15  # stage 0a, classifier only
+    warmup_lr: float = 0.0  # base lr of stage 0a; 0 = optim.lr (the paper does not set it apart)
     amp: bool = True  # mixed precision when running on CUDA
     seed: int = 0
 
@@ -186,6 +187,7 @@ _POSITIVE = (
 _NON_NEGATIVE = (
     "optim.momentum",
     "optim.weight_decay",
+    "optim.warmup_lr",
     "optim.epochs",
     "optim.warmup_epochs",
     "data.subset",

@@ -26,7 +26,7 @@ def plot_stages(summary: dict[str, Any], path: Path) -> None:
     for key, name in (("label_miou", "pseudo labels (train)"), ("val_miou", "model (val)")):
         points = [(row["stage"], 100 * row[key]) for row in stages if row.get(key) is not None]
         if points:
-            axis.plot(*zip(*points), marker="o", label=name)
+            axis.plot(*zip(*points, strict=True), marker="o", label=name)
     final = summary.get("final_miou_ms_crf")
     if isinstance(final, float):
         axis.axhline(100 * final, linestyle="--", color="grey", label="final, multi-scale + CRF")

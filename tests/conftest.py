@@ -27,6 +27,6 @@ def voc_sample() -> dict:
     data = np.load(folder / "data.npz", allow_pickle=False)
     class_names = (folder / "class_names.txt").read_text().split()
     mask = np.zeros(data["rgb"].shape[:2], dtype=np.uint8)
-    for instance, label in zip(data["masks"], data["labels"]):
+    for instance, label in zip(data["masks"], data["labels"], strict=True):
         mask[instance] = label
     return {"rgb": data["rgb"].copy(), "mask": mask, "class_names": class_names}

@@ -75,14 +75,14 @@ def test_bad_values_name_the_key(override: str, fragment: str) -> None:
 def test_unknown_key_in_yaml_names_it(tmp_path) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text("optim:\n  learning_rate: 0.1\n")
-    with pytest.raises(ConfigError, match="unknown config key 'optim.learning_rate'"):
+    with pytest.raises(ConfigError, match=r"unknown config key 'optim\.learning_rate'"):
         load_config(path)
 
 
 def test_yaml_that_is_not_a_mapping_names_the_file(tmp_path) -> None:
     path = tmp_path / "list.yaml"
     path.write_text("- 1\n- 2\n")
-    with pytest.raises(ConfigError, match="list.yaml"):
+    with pytest.raises(ConfigError, match=r"list\.yaml"):
         load_config(path)
 
 

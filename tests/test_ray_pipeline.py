@@ -1,4 +1,4 @@
-"""The Ray shell on a local CPU cluster: a training stage, the label update, the pipeline, resume."""
+"""The Ray shell on a local CPU cluster: a training stage, the label update, the pipeline."""
 
 from __future__ import annotations
 
@@ -154,5 +154,5 @@ def test_rerun_with_a_different_config_is_refused(local_ray, tiny_data, tmp_path
     from raysseg.distributed.pipeline import prepare_run_dir
 
     prepare_run_dir(tiny_config(tiny_data, tmp_path / "run"))
-    with pytest.raises(ConfigError, match="labels.cam_threshold"):
+    with pytest.raises(ConfigError, match=r"labels\.cam_threshold"):
         prepare_run_dir(tiny_config(tiny_data, tmp_path / "run", "labels.cam_threshold=0.3"))

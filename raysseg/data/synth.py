@@ -44,13 +44,15 @@ class ClassStyle:
 
 
 CLASS_STYLES: tuple[ClassStyle, ...] = (
-    ClassStyle("orb", "circle", 25.0, "rings", ((20, 30, 90), (235, 235, 220)), 0.45),
-    ClassStyle("brick", "rect", 205.0, "diagonal", ((250, 210, 30), (25, 25, 25)), 0.6),
-    ClassStyle("wedge", "triangle", 110.0, "checker", ((200, 30, 40), (245, 245, 245)), 0.5),
-    ClassStyle("slug", "ellipse", 245.0, "dots", ((245, 245, 245), (30, 20, 40)), 0.62),
+    ClassStyle("orb", "circle", 0.0, "rings", ((20, 30, 90), (235, 235, 220)), 0.45),
+    ClassStyle("brick", "rect", 210.0, "diagonal", ((250, 210, 30), (25, 25, 25)), 0.6),
+    ClassStyle("wedge", "triangle", 120.0, "checker", ((200, 30, 40), (245, 245, 245)), 0.5),
+    ClassStyle("slug", "ellipse", 285.0, "dots", ((245, 245, 245), (30, 20, 40)), 0.62),
     ClassStyle("cross", "cross", 55.0, "bars", ((220, 40, 200), (40, 210, 220)), 0.0),
 )
-HUE_SPREAD = 28.0  # std of body hue (degrees): orb/cross and brick/slug overlap strongly
+# Std of body hue (degrees). Colour is a usable class cue (a small CPU network must learn the
+# classifier in minutes), shape and pattern are the finer ones; neighbours still overlap a little.
+HUE_SPREAD = 12.0
 MAX_NUM_CLASSES = len(CLASS_STYLES) + 1
 
 
@@ -205,10 +207,12 @@ def _background(rng: np.random.Generator, size: int, grid: tuple) -> np.ndarray:
 def _paint_distractors(
     rng: np.random.Generator, canvas: np.ndarray, size: int, styles: Sequence[ClassStyle]
 ) -> list[np.ndarray]:
-    """Blobs with object body colours and textures but no pattern; returns their masks."""
+    """Textured blobs in dull colours (object-like, but no class colour or pattern); their masks.
+
+    The simulated saliency fires on some of them: false positives the pipeline must reject.
+    """
     masks = []
     for _ in range(int(rng.integers(1, 5))):
-        style = styles[int(rng.integers(len(styles)))]
         radius = rng.uniform(0.06, 0.2) * size
         center = tuple(rng.uniform(0, size, size=2))
         shape = ("circle", "ellipse", "rect")[int(rng.integers(3))]
@@ -216,7 +220,8 @@ def _paint_distractors(
         box = _bounding_box(mask)
         if not mask[box].size:
             continue
-        fill = _textured_fill(rng, mask[box].shape, _body_color(rng, style))
+        dull = _hsv_color(rng.uniform(0, 360), rng.uniform(0.0, 0.25), rng.uniform(0.3, 0.8))
+        fill = _textured_fill(rng, mask[box].shape, dull)
         canvas[box][mask[box]] = fill[mask[box]]
         masks.append(mask)
     return masks
@@ -287,8 +292,10 @@ def _simulated_saliency(rng, size, instance_map, objects, distractors):
             saliency[fires] = np.maximum(saliency[fires], rng.uniform(0.35, 0.85))
     sigma = rng.uniform(0.015, 0.035) * size
     saliency = cv2.GaussianBlur(saliency, (0, 0), sigmaX=sigma)
-    saliency += _smooth_noise(rng, size, int(rng.integers(3, 7))) * rng.uniform(0.03, 0.12)
-    saliency += rng.normal(0, 0.02, size=(size, size)).astype(np.float32)
+    # Detector-like noise: multiplicative on responses (a real detector is ~0 on plain background,
+    # so the paper's 0.06 threshold stays meaningful), plus a faint additive floor.
+    saliency *= 1.0 + _smooth_noise(rng, size, int(rng.integers(3, 7))) * rng.uniform(0.1, 0.3)
+    saliency += np.abs(rng.normal(0, 0.01, size=(size, size))).astype(np.float32)
     return np.clip(saliency, 0.0, 1.0)
 
 

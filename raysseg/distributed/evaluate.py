@@ -41,7 +41,7 @@ def _label_quality_batch(batch, num_classes: int):
     import pandas as pd
 
     quality = LabelQuality(num_classes)
-    for seg_uri, mask_uri in zip(batch["seg_label_uri"], batch["mask_uri"]):
+    for seg_uri, mask_uri in zip(batch["seg_label_uri"], batch["mask_uri"], strict=True):
         quality.update(io.read_label(seg_uri), io.read_label(mask_uri))
     return pd.DataFrame({"counts": [quality.to_array().ravel()]})
 
@@ -100,7 +100,7 @@ class _Scorer:
         import pandas as pd
 
         confusion = ConfusionMatrix(self.config.model.num_classes)
-        for image_uri, mask_uri in zip(batch["image_uri"], batch["mask_uri"]):
+        for image_uri, mask_uri in zip(batch["image_uri"], batch["mask_uri"], strict=True):
             image = io.read_image(image_uri)
             prediction = predict_label(self.model, image, self.config, self.multiscale, self.crf)
             confusion.update(prediction, io.read_label(mask_uri))

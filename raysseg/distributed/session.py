@@ -22,8 +22,9 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
     joining = address is not None or "RAY_ADDRESS" in os.environ
     kwargs: dict = {"address": address, "log_to_driver": True}
     if not joining:
-        # A local instance: no dashboard (saves ~0.3 GB on a laptop) unless the user asks.
-        kwargs.update(num_cpus=num_cpus, include_dashboard=False)
+        # A local instance. Its dashboard stays on: Ray Train's placement-group cleaner polls the
+        # state API it serves, and warns every few seconds without it.
+        kwargs["num_cpus"] = num_cpus
     ray.init(**kwargs)
     try:
         yield

@@ -17,7 +17,7 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
+from ray.train import Checkpoint, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
@@ -71,6 +71,8 @@ def train_stage(config: Config, spec: StageSpec, max_failures: int = 2) -> dict[
             name=spec.name,
             storage_path=spec.storage_path,
             failure_config=FailureConfig(max_failures=max_failures),
+            # Per-report INFO lines drown the pipeline's own progress; warnings still show.
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
     result = trainer.fit()
@@ -96,9 +98,8 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
         load_model_state(load_checkpoint(spec.init_checkpoint), model)
     model.to(device)
     warmup = spec.mode == "warmup"
-    groups = (
-        warmup_param_groups(model, config.optim.lr, config.optim.head_lr_mult) if warmup else None
-    )
+    warmup_lr = config.optim.warmup_lr or config.optim.lr
+    groups = warmup_param_groups(model, warmup_lr, config.optim.head_lr_mult) if warmup else None
     optimizer = build_optimizer(model, config.optim, groups=groups)
 
     loader, sampler = _train_loader(config, spec, rank, world_size)
@@ -180,7 +181,7 @@ def _mean_across_workers(metrics: dict[str, float], device: torch.device) -> dic
     dist.all_reduce(values)
     world = dist.get_world_size()
     summed = {"images", "images_per_s"}
-    return {k: v if k in summed else v / world for k, v in zip(keys, values.tolist())}
+    return {k: v if k in summed else v / world for k, v in zip(keys, values.tolist(), strict=True)}
 
 
 def _validate(
