@@ -31,6 +31,7 @@ def plot_stages(summary: dict[str, Any], path: Path) -> None:
     if isinstance(final, float):
         axis.axhline(100 * final, linestyle="--", color="grey", label="final, multi-scale + CRF")
     axis.set_xlabel("stage")
+    axis.set_xticks([row["stage"] for row in stages])
     axis.set_ylabel("mIoU (%)")
     axis.set_title("raysseg: quality per stage")
     axis.grid(alpha=0.3)
@@ -40,31 +41,52 @@ def plot_stages(summary: dict[str, Any], path: Path) -> None:
     plt.close(figure)
 
 
+GRID_COLUMNS = ("image", "ground truth", "stage-0 labels", "final labels", "final model")
+
+
 def write_label_grid(config: Config, path: Path, rows: int = 6) -> None:
-    """Rows of training images: image | GT | stage-0 label | final label | final model prediction."""
+    """Rows of training images: image | GT | stage-0 label | final label | final model prediction.
+
+    Label colours are the VOC palette; cream is IGNORE (255), pixels the labels leave unsupervised.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     from raysseg.engine.checkpoint import load_checkpoint, restore_model
     from raysseg.predict import predict_label
 
     run = config.run_dir
     last = config.stages.count
-    first_labels = layout.stage_labels(run, 0)
-    final_labels = layout.stage_labels(run, last)
+    first_labels, final_labels = layout.stage_labels(run, 0), layout.stage_labels(run, last)
     checkpoint = layout.join(run, f"stage_{last - 1}", "checkpoint", "checkpoint.pt")
     model = restore_model(load_checkpoint(checkpoint)).eval()
     palette = io.voc_palette()
-    tiles = []
-    records = itertools.islice(read_manifest(layout.dataset_manifest(run, "train")), rows)
-    for record in records:
+    records = list(itertools.islice(read_manifest(layout.dataset_manifest(run, "train")), rows))
+    figure, axes = plt.subplots(
+        len(records),
+        len(GRID_COLUMNS),
+        figsize=(2 * len(GRID_COLUMNS), 2 * len(records)),
+        squeeze=False,
+    )
+    for row, record in enumerate(records):
         image = io.read_image(record.image_uri)
-        maps = [
-            io.read_label(record.mask_uri)
-            if record.mask_uri
-            else np.zeros(image.shape[:2], np.uint8),
-            io.read_label(layout.label_uri(first_labels, "seg", record.image_id)),
-            io.read_label(layout.label_uri(final_labels, "seg", record.image_id)),
-            predict_label(model, image, config, multiscale=False, crf=False),
+        blank = np.zeros(image.shape[:2], np.uint8)
+        panels = [
+            image,
+            palette[io.read_label(record.mask_uri) if record.mask_uri else blank],
+            palette[io.read_label(layout.label_uri(first_labels, "seg", record.image_id))],
+            palette[io.read_label(layout.label_uri(final_labels, "seg", record.image_id))],
+            palette[predict_label(model, image, config, multiscale=False, crf=False)],
         ]
-        tiles.append(np.concatenate([image, *(palette[m] for m in maps)], axis=1))
-    width = max(t.shape[1] for t in tiles)
-    padded = [np.pad(t, ((0, 2), (0, width - t.shape[1]), (0, 0))) for t in tiles]
-    io.write_png_atomic(str(path), np.concatenate(padded, axis=0))
+        for column, panel in enumerate(panels):
+            axis = axes[row][column]
+            axis.imshow(panel, interpolation="nearest")
+            axis.set_xticks([])
+            axis.set_yticks([])
+            if row == 0:
+                axis.set_title(GRID_COLUMNS[column], fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)

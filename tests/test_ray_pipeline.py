@@ -149,6 +149,24 @@ def test_pipeline_end_to_end_then_resume(local_ray, tiny_data, tmp_path) -> None
     assert json.loads((run / "final.DONE").read_text())["miou"] >= 0.0
 
 
+def test_evaluate_command_prints_a_per_class_table(local_ray, tiny_data, tmp_path, capsys):
+    from raysseg.cli import main
+
+    config = tiny_config(tiny_data, tmp_path / "run", "stages.count=1")
+    run_pipeline(config, log=lambda line: None)
+    checkpoint = Path(config.run_dir, "stage_0", "checkpoint", "checkpoint.pt")
+    overrides = [f"{key}={value}" for key, value in _flat_overrides(config).items()]
+    assert main(["evaluate", "--checkpoint", str(checkpoint), "--single-scale", *overrides]) == 0
+    out = capsys.readouterr().out
+    assert "background" in out and "mIoU" in out
+
+
+def _flat_overrides(config) -> dict:
+    from raysseg.config import to_flat_dict
+
+    return {k: v for k, v in to_flat_dict(config).items() if not isinstance(v, tuple)}
+
+
 def test_rerun_with_a_different_config_is_refused(local_ray, tiny_data, tmp_path) -> None:
     from raysseg.config import ConfigError
     from raysseg.distributed.pipeline import prepare_run_dir

@@ -24,7 +24,7 @@ from raysseg.predict import predict_label
 def label_quality(manifest: str, num_classes: int, batch_size: int = 16) -> dict[str, Any]:
     """Precision / recall / mIoU of a stage's pseudo labels against the GT masks in the manifest."""
     dataset = ray.data.read_parquet(manifest, columns=["seg_label_uri", "mask_uri"])
-    dataset = dataset.filter(lambda row: bool(row["mask_uri"]))
+    dataset = dataset.filter(expr="mask_uri != ''")
     counts = dataset.map_batches(
         _label_quality_batch,
         fn_kwargs={"num_classes": num_classes},

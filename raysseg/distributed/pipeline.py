@@ -137,10 +137,12 @@ def _changed_keys(saved: Config, current: Config) -> list[str]:
 def plan_steps(config: Config, full_supervision: bool) -> list[Step]:
     run = config.run_dir
     steps = [Step("manifest", lambda: build_manifests(config))]
+    # The full-supervision baseline keeps the warm-up, so both runs start from the same backbone
+    # (on real data both would start from the same ImageNet weights); only the labels differ.
+    steps.append(Step("warmup", lambda: _train_step(config, "warmup", "warmup", "", 0)))
     if full_supervision:
         steps.append(Step("stage_0/labels", lambda: _labels_step(config, 0, "ground_truth", "")))
     else:
-        steps.append(Step("warmup", lambda: _train_step(config, "warmup", "warmup", "", 0)))
         steps.append(
             Step(
                 "stage_0/labels",
@@ -148,7 +150,7 @@ def plan_steps(config: Config, full_supervision: bool) -> list[Step]:
             )
         )
     for stage in range(config.stages.count):
-        init = "" if full_supervision and stage == 0 else _previous_checkpoint(run, stage)
+        init = _previous_checkpoint(run, stage)
         label_stage = 0 if full_supervision else stage
         steps.append(
             Step(

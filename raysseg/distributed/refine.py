@@ -99,8 +99,8 @@ def update_labels(
 
 
 def _write_outputs(rows: ray.data.Dataset, out_manifest: str, errors_path: str) -> dict[str, Any]:
-    failed = rows.filter(lambda row: bool(row["error"]))
-    succeeded = rows.filter(lambda row: not row["error"])
+    failed = rows.filter(expr="error != ''")
+    succeeded = rows.filter(expr="error == ''")
     counts = {
         "images": rows.count(),
         "errors": failed.count(),
