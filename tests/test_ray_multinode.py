@@ -20,15 +20,11 @@ pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
 
 
 @pytest.fixture
-def three_nodes(tmp_path):
+def three_nodes():
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     cluster = Cluster(
         initialize_head=True,
-        head_node_args={
-            "num_cpus": 1,
-            "include_dashboard": False,
-            "_temp_dir": str(tmp_path / "ray"),
-        },
+        head_node_args={"num_cpus": 1},
     )
     for _ in range(2):
         cluster.add_node(num_cpus=2)

@@ -174,3 +174,47 @@ def test_rerun_with_a_different_config_is_refused(local_ray, tiny_data, tmp_path
     prepare_run_dir(tiny_config(tiny_data, tmp_path / "run"))
     with pytest.raises(ConfigError, match=r"labels\.cam_threshold"):
         prepare_run_dir(tiny_config(tiny_data, tmp_path / "run", "labels.cam_threshold=0.3"))
+
+
+def test_a_broken_image_is_recorded_not_fatal_within_the_budget(local_ray, tmp_path) -> None:
+    import shutil
+
+    from raysseg.engine.checkpoint import save_checkpoint
+    from raysseg.model.network import build_model
+
+    data = tmp_path / "synth"
+    generate_synthetic(str(data), n_train=10, n_val=0, size=40, seed=5)
+    (data / "JPEGImages" / "train_000003.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    run = tmp_path / "run"
+
+    def update(config, stage: int):
+        return update_labels(
+            config,
+            mode="initial",
+            checkpoint=str(checkpoint),
+            in_manifest=layout.dataset_manifest(config.run_dir, "train"),
+            labels_root=layout.stage_labels(config.run_dir, stage),
+            out_manifest=layout.stage_manifest(config.run_dir, stage),
+            errors_path=layout.stage_errors(config.run_dir, stage),
+            saliency_cache=layout.saliency_cache(config.run_dir),
+        )
+
+    generous = tiny_config(data, run, "resources.error_budget=0.2")
+    write_manifest(voc_records(str(data), "train"), layout.dataset_manifest(str(run), "train"))
+    checkpoint = tmp_path / "model.pt"
+    save_checkpoint(checkpoint, build_model(generous.model))
+    summary = update(generous, 0)
+    assert summary["errors"] == 1 and summary["written"] == 9
+    errors = pq.read_table(layout.stage_errors(str(run), 0)).to_pylist()
+    assert errors[0]["image_id"] == "train_000003"
+    assert "train_000003.jpg" in errors[0]["error"]
+    assert len(list(read_manifest(layout.stage_manifest(str(run), 0)))) == 9
+
+    strict = tiny_config(data, run, "resources.error_budget=0.0")
+    with pytest.raises(RuntimeError, match="over the error budget"):
+        update(strict, 1)
+    # What the failed run wrote is kept: the 9 good labels of stage 1 exist and a rerun skips them.
+    assert len(list(Path(layout.stage_labels(str(run), 1), "seg").rglob("*.png"))) == 9
+    shutil.copy(data / "JPEGImages" / "train_000004.jpg", data / "JPEGImages" / "train_000003.jpg")
+    rerun = update(strict, 1)
+    assert rerun["written"] == 1 and rerun["skipped"] == 9 and rerun["errors"] == 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from io import BytesIO
 from typing import Any
 
 import numpy as np
@@ -138,21 +139,19 @@ class LabelInference:
             self.model = self.model.to(memory_format=torch.channels_last)
 
     def __call__(self, batch):  # pandas.DataFrame -> pandas.DataFrame
-        images, maps, errors = [], [], []
+        payloads, errors = [], []
         for row in batch.itertuples(index=False):
-            image, result, error = None, None, ""
+            payload, error = b"", ""
             if not _labels_exist(self.labels_root, row.image_id):
                 try:
                     image = io.read_image(row.image_uri)
-                    result = self._infer(image, _present(row.labels))
+                    payload = pack_arrays(image=image, **self._infer(image, _present(row.labels)))
                 except Exception as failure:  # recorded per image; the error budget decides
                     error = f"{row.image_uri}: {type(failure).__name__}: {failure}"
-            images.append(image)
-            maps.append(result)
+            payloads.append(payload)
             errors.append(error)
         batch = batch.copy()
-        batch["image"] = images
-        batch["maps"] = maps
+        batch["payload"] = payloads
         batch["error"] = errors
         return batch
 
@@ -228,26 +227,45 @@ def _compute_and_write(
     row: dict[str, Any], config: Config, mode: str, seg_uri: str, sal_uri: str, saliency_cache: str
 ) -> np.ndarray:
     present = _present(row["labels"])
-    image = row.get("image")
-    if image is None:
-        image = io.read_image(row["image_uri"])
+    arrays = unpack_arrays(row.get("payload") or b"")
+    # The decoded image travels with the model outputs: each image is decoded once per update.
+    image = arrays["image"] if "image" in arrays else io.read_image(row["image_uri"])
     if mode == "ground_truth":
         seg_label = io.read_label(row["mask_uri"])
         sal_label = ((seg_label > 0) & (seg_label != IGNORE_INDEX)).astype(np.float32)
     else:
         prior = _saliency_source(config, saliency_cache)(image, row["image_id"])
-        cams = row["maps"]["cams"].astype(np.float32)
+        cams = arrays["cams"].astype(np.float32)
         if mode == "initial":
             seg_label = initial_labels(cams, present, prior, config.labels)
             sal_label = prior
         else:
             seg_label, sal_label = finalize_labels(
-                image, cams, row["maps"]["sal_prob"], prior, present, config.labels
+                image, cams, arrays["sal_prob"], prior, present, config.labels
             )
     # Saliency first, segmentation last: the seg PNG's existence marks the image as done.
     io.write_png_atomic(sal_uri, io.saliency_to_uint8(sal_label))
     io.write_png_atomic(seg_uri, seg_label, palette=io.voc_palette())
     return seg_label
+
+
+def pack_arrays(**arrays: np.ndarray) -> bytes:
+    """Arrays -> one binary cell (uncompressed .npz).
+
+    One binary column keeps every block's schema the same whatever the row holds (arrays of any
+    shape, or nothing for skipped and failed images); mixed object columns broke Arrow's schema
+    unification as soon as one image failed.
+    """
+    buffer = BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def unpack_arrays(payload: bytes) -> dict[str, np.ndarray]:
+    if not payload:
+        return {}
+    with np.load(BytesIO(payload), allow_pickle=False) as archive:
+        return {name: archive[name] for name in archive.files}
 
 
 def _labels_exist(labels_root: str, image_id: str) -> bool:
