@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
-from raysseg.config import PRESETS, ConfigError, describe_keys, dump_yaml, load_config
+from raysseg.config import PRESETS, Config, ConfigError, describe_keys, dump_yaml, load_config
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -15,8 +16,27 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=0.01")
 
 
-def _load(args: argparse.Namespace):
+def _load(args: argparse.Namespace) -> Config:
     return load_config(args.config, overrides=args.overrides, preset=args.preset)
+
+
+def _load_for_ray(args: argparse.Namespace) -> Config:
+    """The config of a command that runs on Ray, checked before it joins or starts a cluster.
+
+    A job with a wrong config must fail in seconds with the key named, not after the cluster has
+    scaled up GPU nodes. Only cheap checks: a local data.root must exist where the driver runs
+    (the job's working directory for relative paths); URIs are left to the run, as checking them
+    needs credentials and network.
+    """
+    config = _load(args)
+    root = config.data.root
+    if not root:
+        raise ConfigError("config key 'data.root': not set (the dataset folder, a path or URI)")
+    if "://" not in root and not os.path.isdir(root):
+        raise ConfigError(
+            f"config key 'data.root': '{root}' is not a directory (working directory: {os.getcwd()})"
+        )
+    return config
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
@@ -37,40 +57,40 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 
 def _cmd_pipeline(args: argparse.Namespace) -> int:
+    config = _load_for_ray(args)  # before importing Ray: config errors come first
     from raysseg.distributed.pipeline import run_pipeline
     from raysseg.distributed.session import ray_session
 
-    config = _load(args)
     with ray_session(address=args.address, num_cpus=args.num_cpus):
         run_pipeline(config, full_supervision=args.full_supervision)
     return 0
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    config = _load_for_ray(args)  # before importing Ray: config errors come first
     from raysseg.distributed.pipeline import run_single_step
     from raysseg.distributed.session import ray_session
 
-    config = _load(args)
     with ray_session(address=args.address, num_cpus=args.num_cpus):
         run_single_step(config, step=f"stage_{args.stage}/train")
     return 0
 
 
 def _cmd_refine(args: argparse.Namespace) -> int:
+    config = _load_for_ray(args)  # before importing Ray: config errors come first
     from raysseg.distributed.pipeline import run_single_step
     from raysseg.distributed.session import ray_session
 
-    config = _load(args)
     with ray_session(address=args.address, num_cpus=args.num_cpus):
         run_single_step(config, step=f"stage_{args.stage}/refine")
     return 0
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
+    config = _load_for_ray(args)  # before importing Ray: config errors come first
     from raysseg.distributed.evaluate import evaluate_checkpoint
     from raysseg.distributed.session import ray_session
 
-    config = _load(args)
     with ray_session(address=args.address, num_cpus=args.num_cpus):
         result = evaluate_checkpoint(
             config, args.checkpoint, multiscale=not args.single_scale, crf=not args.no_crf
