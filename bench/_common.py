@@ -1,0 +1,89 @@
+"""Helpers shared by the bench scripts: synthetic data, a bench config, a checkpoint, table printing.
+
+Bench scripts run as `python bench/<name>.py`, so this folder is on sys.path and `import _common` works.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from raysseg.config import Config, load_config, to_dict
+from raysseg.data import io
+from raysseg.data.records import voc_records, write_manifest
+from raysseg.data.synth import generate_synthetic
+from raysseg.engine.checkpoint import save_checkpoint
+from raysseg.model.network import build_model
+
+
+def bench_config(data_root: Path, run_dir: Path, width: int, crop: int, **extra: Any) -> Config:
+    """Small-backbone config on the synthetic VOC-layout data (as the demo, without its stages)."""
+    overrides = {
+        "run_dir": str(run_dir),
+        "model.backbone": "small",
+        "model.num_classes": 6,
+        "model.small_width": width,
+        "data.source": "voc",
+        "data.root": str(data_root),
+        "data.train_split": "train",
+        "data.val_split": "val",
+        "data.saliency": "folder",
+        "data.saliency_dir": str(data_root / "saliency"),
+        "data.crop_size": crop,
+        "data.num_workers": 0,
+        **extra,
+    }
+    return load_config(overrides=overrides)
+
+
+def ensure_synthetic(data_root: Path, n_train: int, size: int, n_val: int = 0) -> None:
+    """Generate once per (folder): reruns of a bench reuse the same images."""
+    if not io.exists(str(data_root / "class_names.txt")):
+        generate_synthetic(str(data_root), n_train=n_train, n_val=n_val, size=size, seed=0)
+
+
+def write_train_manifest(data_root: Path, path: Path) -> str:
+    write_manifest(voc_records(str(data_root), "train"), str(path))
+    return str(path)
+
+
+def write_checkpoint(config: Config, path: Path, seed: int = 0) -> str:
+    """A checkpoint of a freshly initialised network: inference cost does not depend on the weights."""
+    import torch
+
+    torch.manual_seed(seed)
+    model = build_model(config.model)
+    save_checkpoint(path, model, config_dict=to_dict(config))
+    return str(path)
+
+
+def timed(function: Callable[[], Any]) -> tuple[Any, float]:
+    started = time.perf_counter()
+    result = function()
+    return result, time.perf_counter() - started
+
+
+def machine_line() -> str:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return (
+        f"machine: {platform.machine()}, {cores} usable cores, python {platform.python_version()}"
+    )
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    """Plain fixed-width table; floats with 3 significant decimals."""
+    cells = [[_cell(v) for v in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    print("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)))
+    for row in cells:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}" if abs(value) < 1000 else f"{value:,.0f}"
+    return str(value)

@@ -1,0 +1,129 @@
+"""COCO projection: core-hours of a label update over COCO train2014 from measured per-image costs.
+
+Reads the figures `bench/label_update.py` wrote (label_update.json), or takes them as arguments, and
+projects one label update (mode refine) and the label updates of a 4-stage pipeline over COCO train2014
+(82,783 images), plus the cluster sizes that bring one label update under an hour.
+
+Assumptions (printed with the figures):
+  - cost per image scales with the pixel count from the measured size to COCO's ~640x480. That holds for
+    the convolutions, decoding, CRF and PNG writes; the N x N affinity part grows with the square of the
+    pixel count, so the projection is a lower bound where A_CT dominates;
+  - the small CPU backbone that was measured, not ResNet-38 (much heavier; on GPU in practice);
+  - Ray's cost per image is core-seconds at its largest measured worker count (steady-state throughput:
+    the fixed seconds per update vanish over 82,783 images), so the
+    parallel efficiency measured there is included; scaling out is assumed to keep it.
+GPU-hours: not measured (no GPU on the machine these figures come from).
+
+    python bench/coco_projection.py --from-json runs/bench_label_update/label_update.json
+    python bench/coco_projection.py --quick          # built-in example costs, clearly labelled
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import _common
+
+COCO_TRAIN2014_IMAGES = 82_783
+COCO_PIXELS = 640 * 480
+STAGES = 4
+# Used only by --quick without --from-json: a smoke test of the arithmetic, not a measurement.
+EXAMPLE = {"size": 256, "serial_s": 0.3, "ray_s_per_core": 0.35}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="example costs unless --from-json")
+    parser.add_argument("--from-json", default=None, help="label_update.json of the label bench")
+    parser.add_argument("--size", type=int, default=None, help="measured square image side")
+    parser.add_argument("--serial-s", type=float, default=None, help="serial s/image, 1 core")
+    parser.add_argument("--ray-s-per-core", type=float, default=None, help="Ray core-s/image")
+    args = parser.parse_args()
+    costs, source = _costs(args)
+    scale = COCO_PIXELS / costs["size"] ** 2
+    print(_common.machine_line())
+    print(f"source: {source}; measured at {costs['size']}x{costs['size']}, x{scale:.2f} by pixels")
+    rows = [
+        _row("serial loop (1 core)", costs["serial_s"] * scale),
+        _row("ray label update", costs["ray_s_per_core"] * scale),
+    ]
+    _common.print_table(
+        [
+            "way",
+            "core-s/image @640x480",
+            "core-h / update",
+            f"core-h / {STAGES} updates",
+            "GPU-h",
+            "cores for < 1 h",
+            "16-core nodes",
+        ],
+        rows,
+    )
+    print(
+        "assumptions: pixel-count scaling (A_CT grows faster: lower bound), small CPU backbone, "
+        "the measured per-core Ray cost kept when scaling out; GPU-hours not measured"
+    )
+
+
+def _costs(args: argparse.Namespace) -> tuple[dict, str]:
+    path = args.from_json
+    if (
+        path is None
+        and not args.quick
+        and Path("runs/bench_label_update/label_update.json").exists()
+    ):
+        path = "runs/bench_label_update/label_update.json"
+    if path is not None:
+        costs, source = _from_bench(Path(path)), f"measured ({path})"
+    elif args.quick:
+        costs, source = dict(EXAMPLE), "EXAMPLE costs (not measured; --quick smoke test)"
+    else:
+        costs, source = {}, "arguments"
+    given = {
+        "size": args.size,
+        "serial_s": args.serial_s,
+        "ray_s_per_core": args.ray_s_per_core,
+    }
+    costs.update({k: v for k, v in given.items() if v is not None})
+    missing = [k for k in EXAMPLE if k not in costs]
+    if missing:
+        raise SystemExit(f"missing costs {missing}: run bench/label_update.py or pass them")
+    return costs, source
+
+
+def _from_bench(path: Path) -> dict:
+    """Per-image costs from the label bench: serial on 1 core; Ray at its largest worker count."""
+    record = json.loads(path.read_text())
+    results = {int(k): v for k, v in record["results"].items()}
+    serial = results[min(results)]["serial"]
+    top = max(results)
+    ray = results[top]["ray"]
+    # Steady state: the fixed cost per update (seconds) vanishes over 82,783 images.
+    steady = ray.get("steady_images_per_s", float("nan"))
+    ray_rate = steady if math.isfinite(steady) and steady > 0 else ray["images_per_s"]
+    return {
+        "size": record["settings"]["size"],
+        "serial_s": serial["seconds"] / serial["images"],
+        "ray_s_per_core": top / ray_rate,
+    }
+
+
+def _row(name: str, core_s: float) -> list:
+    core_h = core_s * COCO_TRAIN2014_IMAGES / 3600.0
+    cores = math.ceil(core_h)  # core-hours spread over 1 hour of wall time
+    return [
+        name,
+        core_s,
+        core_h,
+        core_h * STAGES,
+        "not measured",
+        cores,
+        math.ceil(cores / 16),
+    ]
+
+
+if __name__ == "__main__":
+    main()
