@@ -16,6 +16,7 @@ from raysseg import layout
 from raysseg.config import Config, from_dict, to_dict
 from raysseg.data import io
 from raysseg.data.records import class_names_for
+from raysseg.distributed.refine import inference_pool_options
 from raysseg.engine.checkpoint import load_checkpoint, restore_model
 from raysseg.engine.metrics import ConfusionMatrix, LabelQuality
 from raysseg.predict import predict_label
@@ -66,11 +67,7 @@ def evaluate_checkpoint(
             "multiscale": multiscale,
             "crf": crf,
         },
-        compute=ray.data.ActorPoolStrategy(size=resources.refine_actors),
-        batch_size=resources.refine_batch_size,
-        num_cpus=resources.refine_cpus_per_actor,
-        num_gpus=resources.refine_gpus_per_actor,
-        batch_format="pandas",
+        **inference_pool_options(resources),
     )
     num_classes = config.model.num_classes
     confusion = ConfusionMatrix(num_classes)

@@ -21,7 +21,7 @@ import ray.data
 import torch
 
 from raysseg import layout
-from raysseg.config import IGNORE_INDEX, Config, from_dict, to_dict
+from raysseg.config import IGNORE_INDEX, Config, ResourcesConfig, from_dict, to_dict
 from raysseg.data import io
 from raysseg.data.records import write_manifest
 from raysseg.data.transforms import normalize
@@ -67,11 +67,7 @@ def update_labels(
                 "mode": mode,
                 "labels_root": labels_root,
             },
-            compute=ray.data.ActorPoolStrategy(size=resources.refine_actors),
-            batch_size=resources.refine_batch_size,
-            num_cpus=resources.refine_cpus_per_actor,
-            num_gpus=resources.refine_gpus_per_actor,
-            batch_format="pandas",
+            **inference_pool_options(resources),
         )
     dataset = dataset.map_batches(
         finalize_batch,
@@ -97,6 +93,17 @@ def update_labels(
             f"all: {errors_path}"
         )
     return summary
+
+
+def inference_pool_options(resources: ResourcesConfig) -> dict[str, Any]:
+    """map_batches options of a model actor pool (label update and evaluation share them)."""
+    return {
+        "compute": ray.data.ActorPoolStrategy(size=resources.refine_actors),
+        "batch_size": resources.refine_batch_size,
+        "num_cpus": resources.refine_cpus_per_actor,
+        "num_gpus": resources.refine_gpus_per_actor,
+        "batch_format": "pandas",
+    }
 
 
 def _write_outputs(rows: ray.data.Dataset, out_manifest: str, errors_path: str) -> dict[str, Any]:
