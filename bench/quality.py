@@ -19,9 +19,7 @@ import os
 import time
 from pathlib import Path
 
-from raysseg.data import io
-from raysseg.data.synth import generate_synthetic
-from raysseg.distributed.demo import DEMO_SETTINGS, demo_config
+from raysseg.distributed.demo import demo_config, ensure_demo_data
 from raysseg.distributed.pipeline import format_summary, run_pipeline
 from raysseg.distributed.session import ray_session
 
@@ -33,17 +31,9 @@ def main() -> None:
     parser.add_argument("--num-cpus", type=int, default=None)
     args = parser.parse_args()
 
-    settings = DEMO_SETTINGS["quick" if args.quick else "full"]
     weak = demo_config(args.out, quick=args.quick)
     full = dataclasses.replace(weak, run_dir=str(Path(args.out, "run_full_supervision").resolve()))
-    if not io.exists(os.path.join(weak.data.root, "class_names.txt")):
-        generate_synthetic(
-            weak.data.root,
-            n_train=settings["n_train"],
-            n_val=settings["n_val"],
-            size=settings["size"],
-            seed=0,
-        )
+    ensure_demo_data(weak, quick=args.quick)
     timings = {}
     with ray_session(num_cpus=args.num_cpus or max(4, os.cpu_count() or 1)):
         started = time.perf_counter()

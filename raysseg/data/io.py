@@ -16,6 +16,7 @@ import io
 import os
 import posixpath
 import uuid
+from collections.abc import Callable
 from urllib.parse import urlparse
 
 import numpy as np
@@ -118,19 +119,27 @@ def open_text(uri: str, encoding: str = "utf-8") -> io.TextIOWrapper:
 def write_bytes_atomic(uri: str, data: bytes) -> None:
     """Write so readers never see a half-written file (temp name in the same folder, then move)."""
     filesystem, path = resolve(uri)
-    scheme = urlparse(uri).scheme if _is_uri(uri) else ""
-    if scheme in _ATOMIC_PUT_SCHEMES:
+    if _writes_are_atomic(uri):
         with filesystem.open_output_stream(path) as stream:
             stream.write(data)
         return
-    folder, name = posixpath.split(path) if scheme else os.path.split(path)
+
+    def write(temp_path: str) -> None:
+        with filesystem.open_output_stream(temp_path) as stream:
+            stream.write(data)
+
+    _write_via_temp(filesystem, path, write)
+
+
+def _write_via_temp(filesystem: pafs.FileSystem, path: str, write: Callable[[str], None]) -> None:
+    """`write(temp_path)`, then move the temp file onto `path`; the temp file never survives."""
+    folder, name = posixpath.split(path)
     if folder:
         filesystem.create_dir(folder, recursive=True)
     # A hidden, unique temp name: concurrent writers of the same file never share a temp file.
     temp_path = posixpath.join(folder, f".{name}.tmp-{uuid.uuid4().hex}")
     try:
-        with filesystem.open_output_stream(temp_path) as stream:
-            stream.write(data)
+        write(temp_path)
         if isinstance(filesystem, pafs.LocalFileSystem):
             os.replace(temp_path, path)  # atomic on POSIX, overwrites an existing file
         else:
@@ -154,19 +163,11 @@ def copy_file(source: str, destination: str) -> None:
     if _writes_are_atomic(destination):
         pafs.copy_files(source_path, destination_path, source_fs, destination_fs)
         return
-    folder, name = posixpath.split(destination_path)
-    destination_fs.create_dir(folder, recursive=True)
-    temp_path = posixpath.join(folder, f".{name}.tmp-{uuid.uuid4().hex}")
-    try:
-        pafs.copy_files(source_path, temp_path, source_fs, destination_fs)
-        if isinstance(destination_fs, pafs.LocalFileSystem):
-            os.replace(temp_path, destination_path)
-        else:
-            destination_fs.move(temp_path, destination_path)
-    except BaseException:
-        if destination_fs.get_file_info(temp_path).type != pafs.FileType.NotFound:
-            destination_fs.delete_file(temp_path)
-        raise
+    _write_via_temp(
+        destination_fs,
+        destination_path,
+        lambda temp_path: pafs.copy_files(source_path, temp_path, source_fs, destination_fs),
+    )
 
 
 def replace_dir(source_dir: str, destination_dir: str) -> None:

@@ -65,18 +65,24 @@ def demo_config(out_dir: str, quick: bool = False, extra: dict[str, Any] | None 
     return load_config(overrides=overrides)
 
 
-def run_demo(out_dir: str = "runs/demo", quick: bool = False, num_cpus: int | None = None) -> dict:
+def ensure_demo_data(config: Config, quick: bool) -> None:
+    """Generate the demo's synthetic dataset under config.data.root unless it is already there."""
+    if io.exists(os.path.join(config.data.root, "class_names.txt")):
+        return
     settings = DEMO_SETTINGS["quick" if quick else "full"]
+    print(f"generating the synthetic dataset in {config.data.root}")
+    generate_synthetic(
+        config.data.root,
+        n_train=settings["n_train"],
+        n_val=settings["n_val"],
+        size=settings["size"],
+        seed=0,
+    )
+
+
+def run_demo(out_dir: str = "runs/demo", quick: bool = False, num_cpus: int | None = None) -> dict:
     config = demo_config(out_dir, quick)
-    if not io.exists(os.path.join(config.data.root, "class_names.txt")):
-        print(f"generating the synthetic dataset in {config.data.root}")
-        generate_synthetic(
-            config.data.root,
-            n_train=settings["n_train"],
-            n_val=settings["n_val"],
-            size=settings["size"],
-            seed=0,
-        )
+    ensure_demo_data(config, quick)
     # Logical CPUs above the core count keep Ray Data reads from starving behind the actor pools.
     cpus = num_cpus or max(4, os.cpu_count() or 1)
     with ray_session(num_cpus=cpus):
