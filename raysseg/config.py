@@ -125,7 +125,13 @@ class ResourcesConfig:
     refine_cpus_per_actor: float = 1.0
     refine_gpus_per_actor: float = 0.0
     crf_cpus: float = 1.0  # CPUs per CRF/fusion task
+    # Custom Ray resources, "name=amount,name=amount" (e.g. "crf_node=0.01"): pin each kind of work to
+    # the nodes that advertise the resource, so CPU-bound CRFs never occupy GPU nodes.
+    train_custom: str = ""  # per Ray Train worker
+    refine_custom: str = ""  # per label-inference actor
+    crf_custom: str = ""  # per CRF/fusion task
     error_budget: float = 0.01  # fraction of images that may fail in a label update
+    progress_seconds: float = 10.0  # how often long work prints done/total, rate, errors, ETA
 
 
 @dataclass(frozen=True)
@@ -197,7 +203,9 @@ _NON_NEGATIVE = (
     "resources.refine_cpus_per_actor",
     "resources.refine_gpus_per_actor",
     "resources.crf_cpus",
+    "resources.progress_seconds",
 )
+_CUSTOM_RESOURCES = ("resources.train_custom", "resources.refine_custom", "resources.crf_custom")
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -321,6 +329,8 @@ def validate(config: Config) -> Config:
             f"config keys 'data.scale_min'/'data.scale_max': need 0 < min <= max, got "
             f"{config.data.scale_min}, {config.data.scale_max}"
         )
+    for key in _CUSTOM_RESOURCES:
+        parse_custom_resources(flat[key], key)
     for key in ("labels.cam_scales", "eval.scales"):
         if not flat[key] or any(s <= 0 for s in flat[key]):
             raise ConfigError(f"config key '{key}': need positive scales, got {flat[key]!r}")
@@ -330,6 +340,25 @@ def validate(config: Config) -> Config:
             f"got {config.model.output_stride}"
         )
     return config
+
+
+def parse_custom_resources(text: str, key: str = "resources") -> dict[str, float]:
+    """ "crf_node=0.01, big_mem=1" -> {"crf_node": 0.01, "big_mem": 1.0}; errors name the key."""
+    resources: dict[str, float] = {}
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        name, sep, amount = item.partition("=")
+        try:
+            value = float(amount)
+        except ValueError:
+            value = -1.0
+        if not sep or not name.strip() or value < 0:
+            raise ConfigError(
+                f"config key '{key}': expected 'name=amount,...' with amounts >= 0, got {item!r}"
+            )
+        resources[name.strip()] = value
+    return resources
 
 
 def load_config(
@@ -430,6 +459,7 @@ __all__ = [
     "flatten",
     "from_dict",
     "load_config",
+    "parse_custom_resources",
     "parse_overrides",
     "to_dict",
     "to_flat_dict",
