@@ -21,12 +21,20 @@ import hashlib
 
 from raysseg.data.io import join
 
-SHARD_HEX_DIGITS = 2  # 256 shard folders: COCO train (82,783 images) -> ~320 files per folder
+# 4,096 shard folders: COCO train (82,783 images) -> ~20 files per folder, Open Images (9 M) -> ~2,200,
+# 20 M images -> ~4,900. Object stores do not care; local filesystems and `ls` slow down past that.
+SHARD_HEX_DIGITS = 3
+SHARD_COUNT = 16**SHARD_HEX_DIGITS
 
 
 def shard_of(image_id: str) -> str:
     """Stable shard folder name from the image id, so no folder grows with the dataset."""
     return hashlib.sha1(image_id.encode("utf-8")).hexdigest()[:SHARD_HEX_DIGITS]
+
+
+def sharded_uri(root: str, image_id: str, suffix: str = ".png") -> str:
+    """`root/<shard>/<safe id><suffix>`: every per-image file of a run lives in a shard folder."""
+    return join(root, shard_of(image_id), f"{safe_name(image_id)}{suffix}")
 
 
 def safe_name(image_id: str) -> str:
@@ -40,7 +48,7 @@ def stage_dir(run_dir: str, stage: int) -> str:
 
 def label_uri(labels_root: str, kind: str, image_id: str) -> str:
     """kind: 'seg' or 'sal'."""
-    return join(labels_root, kind, shard_of(image_id), f"{safe_name(image_id)}.png")
+    return sharded_uri(join(labels_root, kind), image_id)
 
 
 def dataset_manifest(run_dir: str, split: str) -> str:

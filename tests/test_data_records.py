@@ -27,6 +27,7 @@ from raysseg.data.records import (
     voc_records,
     write_manifest,
 )
+from raysseg.layout import shard_of
 
 
 def _write_voc(
@@ -234,7 +235,8 @@ def test_coco_masks_written_once(tmp_path):
     io.write_png_atomic(first[0].mask_uri, marker, io.voc_palette())
     list(coco_records(str(annotation_json), str(tmp_path), str(mask_dir)))
     assert (io.read_label(first[0].mask_uri) == 9).all()
-    assert sorted(p.name for p in mask_dir.iterdir()) == [f"{r.image_id}.png" for r in first]
+    written = sorted(p.relative_to(mask_dir).as_posix() for p in mask_dir.rglob("*") if p.is_file())
+    assert written == sorted(f"{shard_of(r.image_id)}/{r.image_id}.png" for r in first)
 
 
 def test_coco_81_class_mapping(tmp_path):

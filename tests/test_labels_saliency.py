@@ -19,6 +19,7 @@ from raysseg.labels.saliency import (
     U2NetPSaliency,
     build_saliency,
 )
+from raysseg.layout import shard_of
 
 
 def _check_map(saliency: np.ndarray, shape: tuple[int, int]) -> None:
@@ -96,8 +97,9 @@ def test_cache_writes_then_reads_without_recomputing(tmp_path: Path, voc_sample:
     cached = CachedSaliency(counting, tmp_path / "cache")
     first = cached(voc_sample["rgb"], "img_1")
     assert counting.calls == 1
-    assert (tmp_path / "cache" / "img_1.png").is_file()
-    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["img_1.png"]  # no temp file
+    shard = tmp_path / "cache" / shard_of("img_1")
+    assert (shard / "img_1.png").is_file()
+    assert sorted(p.name for p in shard.iterdir()) == ["img_1.png"]  # no temp file
     second = cached(voc_sample["rgb"], "img_1")
     assert counting.calls == 1
     np.testing.assert_array_equal(first, second)

@@ -143,6 +143,69 @@ def build_stage_dataset(
     )
 
 
+class BlockShuffleSampler(torch.utils.data.Sampler[int]):
+    """A DistributedSampler for datasets read a row group at a time (`ManifestRows`).
+
+    Each epoch visits the groups in a shuffled order and the rows of each group in a shuffled order;
+    rank r takes every world_size-th index of that sequence, so all ranks yield the same count (DDP
+    needs equal steps) and every group is read once per epoch per reader. Memory is one group's
+    permutation: no index array of the whole dataset (millions of rows) is ever built. Shuffling is
+    local to a group, which is fine for manifests in source order (ids, not classes).
+    """
+
+    def __init__(
+        self,
+        group_sizes: Sequence[int],
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+        drop_last: bool = False,
+    ) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
+        self.group_sizes = np.asarray(group_sizes, dtype=np.int64)
+        self.group_starts = np.concatenate([[0], np.cumsum(self.group_sizes)])
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.epoch = 0
+        total = int(self.group_starts[-1])
+        # Like DistributedSampler: drop the tail, or wrap around to pad, so every rank is equal.
+        self.per_rank = total // world_size if drop_last else -(-total // world_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.per_rank
+
+    def _global_order(self):
+        rng = np.random.default_rng([self.seed, self.epoch])
+        groups = np.arange(len(self.group_sizes))
+        if self.shuffle:
+            groups = rng.permutation(groups)
+        while True:  # wraps around for padding (only ever a partial second pass)
+            for group in groups:
+                rows = np.arange(self.group_sizes[group])
+                if self.shuffle:
+                    rows = rng.permutation(rows)
+                yield from (rows + self.group_starts[group]).tolist()
+
+    def __iter__(self):
+        if self.per_rank == 0:
+            return
+        taken = 0
+        for position, index in enumerate(self._global_order()):
+            if position % self.world_size == self.rank:
+                yield index
+                taken += 1
+                if taken == self.per_rank:
+                    return
+
+
 def collate(items: list[dict]) -> dict:
     """Stack tensors key by key; strings become lists. Eval images differ in size: batch size 1."""
     batch: dict = {}
@@ -161,4 +224,4 @@ def collate(items: list[dict]) -> dict:
     return batch
 
 
-__all__ = ["MODES", "StageDataset", "build_stage_dataset", "collate"]
+__all__ = ["MODES", "BlockShuffleSampler", "StageDataset", "build_stage_dataset", "collate"]

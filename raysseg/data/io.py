@@ -96,6 +96,13 @@ def delete_file(uri: str) -> None:
     filesystem.delete_file(path)
 
 
+def delete_dir(uri: str) -> None:
+    """Delete a folder and everything in it (a missing folder is not an error)."""
+    filesystem, path = resolve(uri)
+    if filesystem.get_file_info(path).type != pafs.FileType.NotFound:
+        filesystem.delete_dir(path)
+
+
 def read_bytes(uri: str) -> bytes:
     """The whole file; FileNotFoundError names the URI."""
     filesystem, path = resolve(uri)
@@ -252,8 +259,13 @@ def read_image(uri: str) -> np.ndarray:
     return rgb
 
 
+@functools.lru_cache(maxsize=4)
 def voc_palette(num_colors: int = 256) -> np.ndarray:
-    """The PASCAL VOC colour map, uint8 (num_colors, 3): class id i -> colour (bit-interleaved)."""
+    """The PASCAL VOC colour map, uint8 (num_colors, 3): class id i -> colour (bit-interleaved).
+
+    Computed once per process (it is written with every label PNG) and returned read-only, since
+    every caller shares the same array.
+    """
     palette = np.zeros((num_colors, 3), dtype=np.uint8)
     for index in range(num_colors):
         value, red, green, blue = index, 0, 0, 0
@@ -263,6 +275,7 @@ def voc_palette(num_colors: int = 256) -> np.ndarray:
             blue |= ((value >> 2) & 1) << (7 - bit)
             value >>= 3
         palette[index] = (red, green, blue)
+    palette.flags.writeable = False
     return palette
 
 
@@ -357,6 +370,7 @@ def saliency_to_uint8(saliency: np.ndarray) -> np.ndarray:
 __all__ = [
     "ImageReadError",
     "copy_file",
+    "delete_dir",
     "delete_file",
     "encode_png",
     "exists",

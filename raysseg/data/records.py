@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 
 from raysseg.config import IGNORE_INDEX
 from raysseg.data import io
+from raysseg.layout import sharded_uri
 
 VOC_CLASS_NAMES: tuple[str, ...] = (
     "background",
@@ -137,6 +138,8 @@ COCO_CLASS_NAMES: tuple[str, ...] = (
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 DEFAULT_ROWS_PER_FILE = 100_000
+# Row groups bound what a random-access reader (ManifestRows) holds: one group, ~2-4 MB of URIs.
+ROWS_PER_GROUP = 16_384
 _PART_PREFIX = "part-"
 
 
@@ -469,7 +472,7 @@ def coco_records(annotation_json: str, image_dir: str, mask_dir: str) -> Iterato
         seen.add(image_id)
         annotations = coco.imgToAnns.get(image_key, [])
         labels = tuple(sorted({category_map.get(a["category_id"], -1) for a in annotations} - {-1}))
-        mask_uri = io.join(mask_dir, f"{image_id}.png")
+        mask_uri = sharded_uri(mask_dir, image_id)
         if not io.exists(mask_uri):
             mask = render_coco_mask(coco, image_info, category_map, annotation_json)
             io.write_png_atomic(mask_uri, mask, palette=palette)
@@ -583,7 +586,7 @@ def _write_part(rows: list[Record], uri: str) -> None:
     columns["labels"] = [list(r.labels) for r in rows]
     table = pa.Table.from_pydict(columns, schema=MANIFEST_SCHEMA)
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
+    pq.write_table(table, sink, row_group_size=ROWS_PER_GROUP)
     io.write_bytes_atomic(uri, sink.getvalue().to_pybytes())
 
 
@@ -618,16 +621,31 @@ def write_manifest(
     return written
 
 
-def _iter_parquet_batches(path: str, batch_size: int = 4096) -> Iterator[pa.RecordBatch]:
+def manifest_files(path: str) -> list[str]:
+    """The Parquet files of a manifest folder (or the single file `path`), in written order."""
     if not io.exists(path):
         raise DataError(f"manifest not found: '{path}'")
-    files = io.list_files(path, suffix=".parquet") if io.is_dir(path) else [path]
-    for uri in files:
-        filesystem, file_path = io.resolve(uri)
+    return io.list_files(path, suffix=".parquet") if io.is_dir(path) else [path]
+
+
+@contextlib.contextmanager
+def _parquet_file(uri: str) -> Iterator[pq.ParquetFile]:
+    filesystem, file_path = io.resolve(uri)
+    try:
+        parquet = pq.ParquetFile(file_path, filesystem=filesystem)
+    except (pa.ArrowInvalid, OSError) as error:
+        raise DataError(f"cannot read Parquet file '{uri}': {error}") from error
+    with parquet:
+        yield parquet
+
+
+def _iter_parquet_batches(
+    path: str, batch_size: int = 4096, columns: Sequence[str] | None = None
+) -> Iterator[pa.RecordBatch]:
+    for uri in manifest_files(path):
         try:
-            with filesystem.open_input_file(file_path) as stream:
-                parquet = pq.ParquetFile(stream)
-                yield from parquet.iter_batches(batch_size=batch_size)
+            with _parquet_file(uri) as parquet:
+                yield from parquet.iter_batches(batch_size=batch_size, columns=columns)
         except pa.ArrowInvalid as error:
             raise DataError(f"cannot read Parquet file '{uri}': {error}") from error
 
@@ -639,12 +657,79 @@ def read_manifest(path: str, batch_size: int = 4096) -> Iterator[Record]:
             yield record_from_row(row)
 
 
+def read_manifest_columns(
+    path: str, columns: Sequence[str], batch_size: int = 65536
+) -> Iterator[pa.RecordBatch]:
+    """Stream only `columns` of a manifest, a batch at a time (e.g. counting over millions of rows)."""
+    return _iter_parquet_batches(path, batch_size=batch_size, columns=list(columns))
+
+
+def manifest_row_count(path: str) -> int:
+    """Rows of a manifest from the Parquet footers alone: no row is read."""
+    total = 0
+    for uri in manifest_files(path):
+        with _parquet_file(uri) as parquet:
+            total += parquet.metadata.num_rows
+    return total
+
+
+class ManifestRows(Sequence[Record]):
+    """Random access to a manifest's records without holding them: the index keeps one entry per
+    Parquet row group (file, group, first row), and each process caches the one group it read last.
+
+    Readers that walk a group at a time (`BlockShuffleSampler` in raysseg.data.dataset) read every
+    group once per epoch; memory stays one row group, whatever the dataset size.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.group_files: list[str] = []
+        self.group_indices: list[int] = []
+        starts = [0]
+        for uri in manifest_files(path):
+            with _parquet_file(uri) as parquet:
+                metadata = parquet.metadata
+            for group in range(metadata.num_row_groups):
+                rows = metadata.row_group(group).num_rows
+                if rows:
+                    self.group_files.append(uri)
+                    self.group_indices.append(group)
+                    starts.append(starts[-1] + rows)
+        self.group_starts = np.asarray(starts, dtype=np.int64)  # (groups + 1,)
+        self._cached_group = -1
+        self._cached_table: pa.Table | None = None
+
+    def __len__(self) -> int:
+        return int(self.group_starts[-1])
+
+    def group_sizes(self) -> np.ndarray:
+        return np.diff(self.group_starts)
+
+    def __getitem__(self, index):  # int -> Record (slices are not needed by any reader)
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"manifest '{self.path}' has {len(self)} rows, asked for {index}")
+        index %= len(self)
+        group = int(np.searchsorted(self.group_starts, index, side="right")) - 1
+        if group != self._cached_group:
+            with _parquet_file(self.group_files[group]) as parquet:
+                self._cached_table = parquet.read_row_group(self.group_indices[group])
+            self._cached_group = group
+        offset = index - int(self.group_starts[group])
+        return record_from_row(self._cached_table.slice(offset, 1).to_pylist()[0])
+
+    def __getstate__(self) -> dict:
+        # DataLoader workers get the index only, never another process's cached group.
+        return {**self.__dict__, "_cached_group": -1, "_cached_table": None}
+
+
 __all__ = [
     "COCO_CLASS_NAMES",
     "DEFAULT_ROWS_PER_FILE",
     "MANIFEST_SCHEMA",
+    "ROWS_PER_GROUP",
     "VOC_CLASS_NAMES",
     "DataError",
+    "ManifestRows",
     "Record",
     "class_names_for",
     "coco_category_map",
@@ -653,10 +738,13 @@ __all__ = [
     "folder_records",
     "labels_from_mask",
     "labels_to_multihot",
+    "manifest_files",
+    "manifest_row_count",
     "parse_labels",
     "read_class_names",
     "read_labels_table",
     "read_manifest",
+    "read_manifest_columns",
     "record_from_row",
     "record_to_row",
     "render_coco_mask",

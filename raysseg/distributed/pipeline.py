@@ -268,6 +268,7 @@ def _labels_step(config: Config, stage: int, mode: str, checkpoint: str) -> dict
         out_manifest=layout.stage_manifest(run, stage),
         errors_path=layout.stage_errors(run, stage),
         saliency_cache=layout.saliency_cache(run),
+        name=f"stage_{stage} labels",
     )
     quality = label_quality(layout.stage_manifest(run, stage), config.model.num_classes)
     summary.update(

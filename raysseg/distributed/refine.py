@@ -11,7 +11,11 @@ image id and atomic, so a rerun skips every image whose labels already exist and
 from __future__ import annotations
 
 import dataclasses
+import math
+import resource
+import threading
 import time
+from collections.abc import Callable
 from io import BytesIO
 from typing import Any
 
@@ -19,16 +23,25 @@ import numpy as np
 import ray
 import ray.data
 import torch
+from ray.data.expressions import col
 
 from raysseg import layout
 from raysseg.config import IGNORE_INDEX, Config, ResourcesConfig, from_dict, to_dict
 from raysseg.data import io
-from raysseg.data.records import write_manifest
+from raysseg.data.records import (
+    DEFAULT_ROWS_PER_FILE,
+    ROWS_PER_GROUP,
+    manifest_row_count,
+    read_manifest_columns,
+    write_manifest,
+)
 from raysseg.data.transforms import normalize
 from raysseg.engine.checkpoint import load_checkpoint, restore_model
+from raysseg.engine.loop import autocast_for, resolve_amp_dtype
 from raysseg.labels.cam import multiscale_cam
 from raysseg.labels.saliency import build_saliency
 from raysseg.labels.update import finalize_labels, infer_label_maps, initial_labels
+from raysseg.progress import ProgressMeter
 
 MODES = ("initial", "refine", "ground_truth")
 
@@ -43,21 +56,27 @@ def update_labels(
     out_manifest: str,
     errors_path: str,
     saliency_cache: str,
+    name: str = "label update",
+    log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Write one seg + one sal PNG per image under `labels_root` and the next manifest.
 
     mode: "initial" (multi-scale CAM of the warm-up classifier fused with S0), "refine" (METHOD.md stage
     update with A_CT) or "ground_truth" (the full-supervision baseline: labels from the GT masks).
-    Returns counts: images, written (new this run), skipped (already done), errors, seconds.
+    Streams: the driver holds counts, never rows; progress lines go to `log` every
+    `resources.progress_seconds`. Returns counts: images, written (new this run), skipped (already
+    done), errors, seconds, worker_peak_rss_mb.
     """
     if mode not in MODES:
         raise ValueError(f"label update mode {mode!r} is not one of {MODES}")
     started = time.perf_counter()
     resources = config.resources
     config_dict = to_dict(config)
-    dataset = ray.data.read_parquet(in_manifest)
-    # Small manifests coalesce into one block: split so every actor gets work.
-    dataset = dataset.repartition(max(4, 4 * resources.refine_actors))
+    dataset, total = read_manifest_dataset(in_manifest, resources.refine_actors)
+    if total == 0:
+        write_manifest([], out_manifest)
+        return {"images": 0, "errors": 0, "written": 0, "skipped": 0, "seconds": 0.0}
+    progress = ProgressCounter.remote()
     if mode != "ground_truth":
         dataset = dataset.map_batches(
             LabelInference,
@@ -66,6 +85,7 @@ def update_labels(
                 "checkpoint": checkpoint,
                 "mode": mode,
                 "labels_root": labels_root,
+                "progress": progress,
             },
             **inference_pool_options(resources),
         )
@@ -76,15 +96,22 @@ def update_labels(
             "mode": mode,
             "labels_root": labels_root,
             "saliency_cache": saliency_cache,
+            "progress": progress,
         },
         batch_size=resources.refine_batch_size,
         num_cpus=resources.crf_cpus,
         batch_format="pandas",
     )
-    # Rows are small now (URIs + statistics): keep them once, then split into manifest and errors.
-    rows = dataset.materialize()
-    summary = _write_outputs(rows, out_manifest, errors_path)
+    # Every output row (URIs + statistics) goes to a staging folder, written by Ray Data in blocks;
+    # the driver then counts two columns a batch at a time and splits off the failures.
+    staging = f"{out_manifest}.staging-{time.time_ns()}"
+    meter = ProgressMeter(name, total)
+    _run_with_progress(
+        lambda: _write_rows(dataset, staging), progress, meter, resources.progress_seconds, log
+    )
+    summary = _split_outputs(staging, out_manifest, errors_path)
     summary["seconds"] = time.perf_counter() - started
+    summary["worker_peak_rss_mb"] = ray.get(progress.snapshot.remote())["worker_peak_rss_mb"]
     budget = resources.error_budget * max(1, summary["images"])
     if summary["errors"] > budget:
         raise RuntimeError(
@@ -93,6 +120,27 @@ def update_labels(
             f"all: {errors_path}"
         )
     return summary
+
+
+# Rows per Ray Data block of a manifest read: small enough that every actor gets work and progress
+# moves steadily, large enough that per-block overhead stays negligible.
+MAX_ROWS_PER_BLOCK = 256
+
+
+def read_manifest_dataset(
+    manifest: str, parallelism: int, columns: list[str] | None = None
+) -> tuple[ray.data.Dataset, int]:
+    """(dataset, rows) of a manifest, in blocks of at most MAX_ROWS_PER_BLOCK rows.
+
+    A small manifest is one Parquet file, which Ray Data reads as one block (one actor would do all
+    the work); a streaming repartition splits it without materialising the dataset.
+    """
+    rows = manifest_row_count(manifest)
+    per_block = max(1, min(MAX_ROWS_PER_BLOCK, math.ceil(rows / (4 * max(1, parallelism)))))
+    dataset = ray.data.read_parquet(manifest)
+    if columns:
+        dataset = dataset.select_columns(columns)
+    return dataset.repartition(target_num_rows_per_block=per_block), rows
 
 
 def inference_pool_options(resources: ResourcesConfig) -> dict[str, Any]:
@@ -106,45 +154,121 @@ def inference_pool_options(resources: ResourcesConfig) -> dict[str, Any]:
     }
 
 
-def _write_outputs(rows: ray.data.Dataset, out_manifest: str, errors_path: str) -> dict[str, Any]:
-    failed = rows.filter(expr="error != ''")
-    succeeded = rows.filter(expr="error == ''")
-    # One pass over two small columns on the driver: separate count()/sum() calls each start a Ray
-    # Data execution (the sum a hash-aggregate shuffle), seconds of fixed cost per label update.
-    if rows.count() == 0:  # metadata of a materialized dataset: no execution
-        write_manifest([], out_manifest)
-        return {"images": 0, "errors": 0, "written": 0, "skipped": 0}
-    status = rows.select_columns(["error", "written"]).to_pandas()
-    errors = status["error"].to_numpy(dtype=object) != ""
-    counts = {
-        "images": len(status),
-        "errors": int(errors.sum()),
-        "written": int(status["written"].astype(bool).sum()),
-    }
+@ray.remote(num_cpus=0)
+class ProgressCounter:
+    """Running totals that workers add to after each batch (display only: a retried task counts
+    twice here, so exact counts come from the written rows)."""
+
+    def __init__(self) -> None:
+        self.done = 0
+        self.errors = 0
+        self.worker_peak_rss_mb = 0.0
+
+    def add(self, done: int, errors: int, rss_mb: float) -> None:
+        self.done += done
+        self.errors += errors
+        self.worker_peak_rss_mb = max(self.worker_peak_rss_mb, rss_mb)
+
+    def snapshot(self) -> dict[str, float]:
+        return {
+            "done": self.done,
+            "errors": self.errors,
+            "worker_peak_rss_mb": self.worker_peak_rss_mb,
+        }
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _run_with_progress(
+    work: Callable[[], None],
+    progress: Any,
+    meter: ProgressMeter,
+    interval: float,
+    log: Callable[[str], None],
+) -> None:
+    """Run `work` in a thread; print the meter every `interval` seconds and once at the end."""
+    outcome: dict[str, BaseException] = {}
+
+    def target() -> None:
+        try:
+            work()
+        except BaseException as failure:  # re-raised on the calling thread below
+            outcome["failure"] = failure
+
+    thread = threading.Thread(target=target, name="label-update", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(timeout=interval)
+        snapshot = ray.get(progress.snapshot.remote())
+        meter.update(min(int(snapshot["done"]), meter.total), int(snapshot["errors"]))
+        if thread.is_alive() or "failure" not in outcome:
+            log(meter.line())
+    if "failure" in outcome:
+        raise outcome["failure"]
+
+
+def _write_rows(dataset: ray.data.Dataset, path: str) -> None:
+    dataset.write_parquet(
+        path,
+        min_rows_per_file=ROWS_PER_GROUP,
+        max_rows_per_file=DEFAULT_ROWS_PER_FILE,
+        row_group_size=ROWS_PER_GROUP,
+    )
+
+
+def _split_outputs(staging: str, out_manifest: str, errors_path: str) -> dict[str, Any]:
+    """Counts from the staged rows (two columns, streamed); failures to `errors_path`, the rest
+    moved into place as the next manifest. A stale errors table of an earlier run is removed."""
+    counts = {"images": 0, "errors": 0, "written": 0}
+    first_error = ""
+    for batch in read_manifest_columns(staging, ["error", "written"]):
+        errors = np.asarray(batch.column("error").to_pylist(), dtype=object) != ""
+        counts["images"] += batch.num_rows
+        counts["errors"] += int(errors.sum())
+        counts["written"] += int(np.asarray(batch.column("written")).astype(bool).sum())
+        if errors.any() and not first_error:
+            first_error = str(batch.column("error")[int(np.argmax(errors))])
     counts["skipped"] = counts["images"] - counts["errors"] - counts["written"]
-    if counts["errors"]:
-        failed = failed.select_columns(["image_id", "image_uri", "error"])
-        counts["first_error"] = str(status["error"][errors].iloc[0])
-        _write_parquet_atomic(failed, errors_path)
+    if io.exists(errors_path):
+        io.delete_dir(errors_path)
+    if not counts["errors"]:
+        io.replace_dir(staging, out_manifest)
+        return counts
+    counts["first_error"] = first_error
+    rows = ray.data.read_parquet(staging)
+    failed = rows.filter(expr=col("error") != "").select_columns(["image_id", "image_uri", "error"])
+    _write_parquet_atomic(failed, errors_path)
     if counts["images"] > counts["errors"]:
-        _write_parquet_atomic(succeeded, out_manifest)
+        _write_parquet_atomic(rows.filter(expr=col("error") == ""), out_manifest)
     else:
         write_manifest([], out_manifest)  # keeps the schema; Ray writes no file for 0 rows
+    io.delete_dir(staging)
     return counts
 
 
 def _write_parquet_atomic(dataset: ray.data.Dataset, path: str) -> None:
     """Write to a temp folder, then move into place: a reader never sees half a manifest."""
     temporary = f"{path}.tmp-{time.time_ns()}"
-    dataset.write_parquet(temporary)
+    _write_rows(dataset, temporary)
     io.replace_dir(temporary, path)
 
 
 class LabelInference:
     """Actor: the stage checkpoint is loaded once; each batch is decoded once and run at full size."""
 
-    def __init__(self, config_dict: dict, checkpoint: str, mode: str, labels_root: str) -> None:
+    def __init__(
+        self,
+        config_dict: dict,
+        checkpoint: str,
+        mode: str,
+        labels_root: str,
+        progress: Any = None,
+    ) -> None:
         self.config = from_dict(config_dict)
+        self.progress = progress
         self.mode = mode
         self.labels_root = labels_root
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -155,6 +279,8 @@ class LabelInference:
         self.model = restore_model(load_checkpoint(checkpoint)).to(self.device).eval()
         if self.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
+        # bf16/fp16 on CUDA when optim.amp (the affinity logits stay fp32 inside the model).
+        self.amp_dtype = resolve_amp_dtype(self.device, self.config.optim.amp, None)
 
     def __call__(self, batch):  # pandas.DataFrame -> pandas.DataFrame
         payloads, errors = [], []
@@ -168,6 +294,8 @@ class LabelInference:
                     error = f"{row.image_uri}: {type(failure).__name__}: {failure}"
             payloads.append(payload)
             errors.append(error)
+        if self.progress is not None:  # memory only; images count once, in the CRF step
+            self.progress.add.remote(0, 0, peak_rss_mb())
         batch = batch.copy()
         batch["payload"] = payloads
         batch["error"] = errors
@@ -175,6 +303,10 @@ class LabelInference:
 
     def _infer(self, image: np.ndarray, present: list[int]) -> dict[str, np.ndarray]:
         tensor = normalize(image).to(self.device)
+        with autocast_for(self.device, self.amp_dtype):
+            return self._infer_maps(tensor, present)
+
+    def _infer_maps(self, tensor: torch.Tensor, present: list[int]) -> dict[str, np.ndarray]:
         if self.mode == "initial":
             labels = self.config.labels
             cams = multiscale_cam(self.model, tensor, present, labels.cam_scales, labels.cam_flip)
@@ -195,12 +327,22 @@ def _saliency_source(config: Config, cache: str):
     return _SALIENCY_SOURCES[key]
 
 
-def finalize_batch(batch, config_dict: dict, mode: str, labels_root: str, saliency_cache: str):
+def finalize_batch(
+    batch,
+    config_dict: dict,
+    mode: str,
+    labels_root: str,
+    saliency_cache: str,
+    progress: Any = None,
+):
     """CPU step: CRF + fusion, atomic PNG writes, statistics; one output row per input row."""
     config = from_dict(config_dict)
     rows = []
     for row in batch.to_dict("records"):
         rows.append(_finalize_row(row, config, mode, labels_root, saliency_cache))
+    if progress is not None:
+        failed = sum(1 for row in rows if row["error"])
+        progress.add.remote(len(rows), failed, peak_rss_mb())
     return _rows_frame(rows)
 
 

@@ -20,12 +20,11 @@ import torch.distributed as dist
 from ray.train import Checkpoint, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from torch.utils.data import DataLoader
-from torch.utils.data.distributed import DistributedSampler
 
 from raysseg.config import Config, from_dict, to_dict
 from raysseg.data import io
-from raysseg.data.dataset import build_stage_dataset, collate
-from raysseg.data.records import read_manifest
+from raysseg.data.dataset import BlockShuffleSampler, build_stage_dataset, collate
+from raysseg.data.records import ManifestRows
 from raysseg.engine.checkpoint import (
     load_checkpoint,
     load_model_state,
@@ -146,18 +145,19 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
 
 def _train_loader(
     config: Config, spec: StageSpec, rank: int, world_size: int
-) -> tuple[DataLoader, DistributedSampler]:
-    records = list(read_manifest(spec.train_manifest))
+) -> tuple[DataLoader, BlockShuffleSampler]:
+    # The manifest is indexed by row group, never listed: each worker holds one group at a time.
+    records = ManifestRows(spec.train_manifest)
     mode = "warmup" if spec.mode == "warmup" else "train"
     dataset = build_stage_dataset(
         records, mode, config.data, config.model.num_classes, config.optim.seed
     )
-    sampler = DistributedSampler(
-        dataset,
-        num_replicas=world_size,
+    sampler = BlockShuffleSampler(
+        records.group_sizes(),
         rank=rank,
-        shuffle=True,
+        world_size=world_size,
         seed=config.optim.seed,
+        shuffle=True,
         drop_last=len(dataset) >= world_size * config.optim.batch_size,
     )
     loader = DataLoader(
@@ -193,10 +193,12 @@ def _validate(
     world_size: int,
 ) -> float:
     """Single-scale val mIoU: each worker scores its shard, one all-reduce of the confusion matrix."""
-    records = [r for i, r in enumerate(read_manifest(manifest)) if i % world_size == rank]
+    records = ManifestRows(manifest)
     dataset = build_stage_dataset(records, "eval", config.data, config.model.num_classes, 0)
-    loader = DataLoader(dataset, batch_size=1, collate_fn=collate)
-    if records:
+    # A range is a sampler too: this worker's share, in manifest order, without an index list.
+    shard = range(rank, len(records), world_size)
+    loader = DataLoader(dataset, batch_size=1, sampler=shard, collate_fn=collate)
+    if len(shard):
         confusion = evaluate(model, loader, device, config.model.num_classes)["confusion"]
     else:
         confusion = ConfusionMatrix(config.model.num_classes)

@@ -49,7 +49,10 @@ def make_grad_scaler(
     return None
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+def autocast_for(
+    device: torch.device, dtype: torch.dtype | None
+) -> contextlib.AbstractContextManager:
+    """torch.autocast for `dtype` on `device`, or a no-op when dtype is None (full precision)."""
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
@@ -83,7 +86,7 @@ def _train_step(
     warmup = mode == "warmup"
     sal_target = None if warmup else batch["sal"].to(device, non_blocking=True).float()
     seg_target = None if warmup else batch["seg"].to(device, non_blocking=True).long()
-    with _autocast(device, amp_dtype):
+    with autocast_for(device, amp_dtype):
         outputs = model(images, heads="cls" if warmup else "all")
         return loss_fn(
             outputs,
@@ -209,7 +212,7 @@ def evaluate(
             break
         images = batch["image"].to(device, non_blocking=True)
         gt = batch["gt"]  # (B, H, W) int64, 255 = ignore
-        with _autocast(device, dtype):
+        with autocast_for(device, dtype):
             logits = _segmentation_logits(model, images, tuple(gt.shape[-2:]))
         confusion.update(logits.argmax(dim=1).cpu(), gt)
     return {
@@ -269,7 +272,7 @@ def predict_probs(
             else F.interpolate(image, size=size, mode="bilinear", align_corners=False)
         )
         batch = torch.cat([scaled, scaled.flip(-1)]) if flip else scaled  # (1 or 2, 3, h, w)
-        with _autocast(device, dtype):
+        with autocast_for(device, dtype):
             logits = _segmentation_logits(model, batch, (height, width))
         probs = logits.softmax(dim=1)  # (1 or 2, C, H, W)
         views.append(probs[0])

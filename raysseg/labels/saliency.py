@@ -23,6 +23,7 @@ from PIL import Image
 
 from raysseg.config import DataConfig
 from raysseg.data import io as data_io
+from raysseg.layout import shard_of
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
@@ -160,7 +161,8 @@ class SpectralResidualSaliency(SaliencySource):
 
 
 class CachedSaliency(SaliencySource):
-    """Computes a map once with `source`, stores it as `<cache_dir>/<image_id>.png`, reads it after.
+    """Computes a map once with `source`, stores it as `<cache_dir>/<shard>/<image_id>.png`, reads it
+    after. Shard folders (`layout.shard_of`) keep every folder small at millions of images.
 
     The first call returns the map as stored (quantised to 1/255), so every call returns the same.
     """
@@ -170,7 +172,7 @@ class CachedSaliency(SaliencySource):
         self.cache_dir = str(cache_dir)
 
     def __call__(self, image: np.ndarray, image_id: str) -> np.ndarray:
-        uri = saliency_png_uri(self.cache_dir, image_id)
+        uri = saliency_png_uri(data_io.join(self.cache_dir, shard_of(image_id)), image_id)
         try:
             return read_saliency_png(uri, image.shape[:2])
         except FileNotFoundError:
