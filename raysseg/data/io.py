@@ -23,6 +23,12 @@ import numpy as np
 import pyarrow.fs as pafs
 from PIL import Image
 
+# Largest image (width x height) decoded. The size is read from the file header BEFORE any pixel is
+# decoded, so a decompression bomb (a small file declaring a huge canvas) never allocates: 40 MP is
+# 120 MB as uint8 RGB, above every segmentation dataset (COCO/VOC < 0.5 MP, Cityscapes 2 MP) and
+# under half of PIL's own warning threshold (89 MP), which therefore never fires.
+MAX_IMAGE_PIXELS = 40_000_000
+
 # Schemes whose writes only become visible when the upload completes: a direct write is already
 # atomic there, and a temp-name-then-move would cost a full server-side copy.
 _ATOMIC_PUT_SCHEMES = ("s3", "gs", "gcs")
@@ -44,8 +50,9 @@ def _filesystem_for(scheme: str, netloc: str) -> pafs.FileSystem:
 
 
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path inside it) for a local path or URI."""
+    """(filesystem, path inside it) for a local path or URI; a non-UTF-8 path is an error naming it."""
     uri = os.fspath(uri)
+    _check_utf8(uri)
     if not _is_uri(uri):
         return pafs.LocalFileSystem(), os.path.abspath(uri)
     parsed = urlparse(uri)
@@ -54,6 +61,18 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     if parsed.scheme in _ATOMIC_PUT_SCHEMES:
         return _filesystem_for(parsed.scheme, parsed.netloc), parsed.netloc + parsed.path
     return pafs.FileSystem.from_uri(uri)
+
+
+def _check_utf8(uri: str) -> None:
+    # Undecodable bytes of a file name reach Python as lone surrogates ("caf\udce9.jpg"); pyarrow
+    # only takes UTF-8 paths and would fail later with an error that does not name the file.
+    try:
+        uri.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(
+            f"path {uri!r} is not valid UTF-8 (byte {error.object[error.start]!r} at position "
+            f"{error.start}); rename the file"
+        ) from error
 
 
 def join(uri: str, *parts: str) -> str:
@@ -82,7 +101,12 @@ def makedirs(uri: str) -> None:
 def list_files(uri: str, suffix: str = "") -> list[str]:
     """Sorted URIs of the files directly inside folder `uri` whose names end with `suffix`."""
     filesystem, path = resolve(uri)
-    infos = filesystem.get_file_info(pafs.FileSelector(path, recursive=False))
+    try:
+        infos = filesystem.get_file_info(pafs.FileSelector(path, recursive=False))
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"folder '{uri}' holds a file whose name is not valid UTF-8 ({error}); rename it"
+        ) from error
     names = sorted(
         posixpath.basename(info.path)
         for info in infos
@@ -199,18 +223,42 @@ def replace_dir(source_dir: str, destination_dir: str) -> None:
     source_fs.delete_dir(source_path)
 
 
-def _open_pil(uri: str) -> Image.Image:
-    """Open and fully decode with PIL; any failure becomes ImageReadError naming the file."""
+_PIL_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def _open_pil_header(uri: str) -> Image.Image:
+    """Open with PIL reading only the header; refuse empty files and images over MAX_IMAGE_PIXELS."""
     data = read_bytes(uri)
     if not data:
         raise ImageReadError(f"cannot read image '{uri}': the file is empty (0 bytes)")
     try:
         image = Image.open(io.BytesIO(data))
+    except _PIL_ERRORS as error:
+        raise ImageReadError(f"cannot read image '{uri}': {error}") from error
+    width, height = image.size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ImageReadError(
+            f"cannot read image '{uri}': {width} x {height} = {width * height} pixels is over "
+            f"the limit of {MAX_IMAGE_PIXELS} (raysseg.data.io.MAX_IMAGE_PIXELS); downscale it"
+        )
+    return image
+
+
+def _open_pil(uri: str) -> Image.Image:
+    """Open and fully decode with PIL; any failure becomes ImageReadError naming the file."""
+    image = _open_pil_header(uri)
+    try:
         # load() decodes every pixel now and raises on truncated data (Image.open alone is lazy).
         image.load()
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+    except _PIL_ERRORS as error:
         raise ImageReadError(f"cannot read image '{uri}': {error}") from error
     return image
+
+
+def read_image_size(uri: str) -> tuple[int, int]:
+    """(H, W) of an image / label map from its header, without decoding the pixels."""
+    width, height = _open_pil_header(uri).size
+    return height, width
 
 
 def _to_uint8(array: np.ndarray) -> np.ndarray:
@@ -355,6 +403,7 @@ def saliency_to_uint8(saliency: np.ndarray) -> np.ndarray:
 
 
 __all__ = [
+    "MAX_IMAGE_PIXELS",
     "ImageReadError",
     "copy_file",
     "delete_file",
@@ -367,6 +416,7 @@ __all__ = [
     "open_text",
     "read_bytes",
     "read_image",
+    "read_image_size",
     "read_label",
     "read_saliency",
     "replace_dir",

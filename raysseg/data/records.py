@@ -167,17 +167,44 @@ def labels_to_multihot(labels: Iterable[int], num_classes: int) -> np.ndarray:
     return multihot
 
 
-def labels_from_mask(mask: np.ndarray, num_classes: int, mask_uri: str = "") -> tuple[int, ...]:
-    """Present fg ids of a class-id mask (0 = background and 255 = ignore excluded)."""
-    present = np.unique(mask)
-    present = present[(present != 0) & (present != IGNORE_INDEX)]
-    too_large = present[present >= num_classes]
+def check_label_map(
+    label: np.ndarray,
+    num_classes: int,
+    uri: str,
+    image_shape: tuple[int, ...] | None = None,
+    image_uri: str = "",
+) -> np.ndarray:
+    """`label` itself when its ids are in 0..C-1 or 255 and its (H, W) is the image's; else DataError.
+
+    A label map of another size would be silently resized or crash a loss far from its file; an id
+    outside the classes would index past the logits. Both name the file and the value.
+    """
+    if image_shape is not None and tuple(label.shape[:2]) != tuple(image_shape[:2]):
+        raise DataError(
+            f"label map '{uri}' is (H, W) = {tuple(label.shape[:2])}, but its image "
+            f"'{image_uri}' is {tuple(image_shape[:2])}"
+        )
+    present = np.unique(label)
+    too_large = present[(present >= num_classes) & (present != IGNORE_INDEX)]
     if too_large.size:
         raise DataError(
-            f"mask '{mask_uri}' has class id {int(too_large[0])}, but there are only "
+            f"label map '{uri}' has class id {int(too_large[0])}, but there are only "
             f"{num_classes} classes (ids 0..{num_classes - 1}, 255 = ignore)"
         )
+    return label
+
+
+def labels_from_mask(mask: np.ndarray, num_classes: int, mask_uri: str = "") -> tuple[int, ...]:
+    """Present fg ids of a class-id mask (0 = background and 255 = ignore excluded)."""
+    check_label_map(mask, num_classes, mask_uri)
+    present = np.unique(mask)
+    present = present[(present != 0) & (present != IGNORE_INDEX)]
     return tuple(int(c) for c in present)
+
+
+def _not_utf8(uri: str, line: int, error: UnicodeDecodeError) -> DataError:
+    # Text streams decode in chunks: the bad byte is on `line` or a later line of the same chunk.
+    return DataError(f"file '{uri}' is not UTF-8 text (at or after line {line}: {error})")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -186,7 +213,11 @@ def labels_from_mask(mask: np.ndarray, num_classes: int, mask_uri: str = "") -> 
 
 def read_class_names(uri: str) -> list[str]:
     """One class name per line (blank lines skipped); the first is the background."""
-    text = io.read_bytes(uri).decode("utf-8")
+    data = io.read_bytes(uri)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise _not_utf8(uri, data[: error.start].count(b"\n") + 1, error) from error
     names = [line.strip() for line in text.splitlines() if line.strip()]
     if len(names) < 2:
         raise DataError(f"class names file '{uri}': needs background + at least one class")
@@ -267,10 +298,13 @@ def _iter_label_rows(labels_file: str) -> Iterator[tuple[int, dict]]:
                 row_number += 1
                 yield row_number, row
         return
+    row_number = 1  # line 1 is the header
     with io.open_text(labels_file) as text:
-        reader = csv.DictReader(text)
-        for row_number, row in enumerate(reader, start=2):  # line 1 is the header
-            yield row_number, row
+        try:
+            for row_number, row in enumerate(csv.DictReader(text), start=2):
+                yield row_number, row
+        except UnicodeDecodeError as error:
+            raise _not_utf8(labels_file, row_number + 1, error) from error
 
 
 def _check_label_columns(row: dict, labels_file: str) -> None:
@@ -304,12 +338,17 @@ def _split_ids(split_file: str) -> Iterator[str]:
     """Image ids from an ImageSets split file (first token of each line; SBD files have two)."""
     if not io.exists(split_file):
         raise DataError(f"split file not found: '{split_file}'")
+    lines_read = 0
     with io.open_text(split_file) as text:
-        for line in text:
-            tokens = line.split()
-            if tokens:
-                # Some lists name paths ("/JPEGImages/2007_000032.jpg ..."): keep the stem.
-                yield posixpath.splitext(posixpath.basename(tokens[0]))[0]
+        try:
+            for line in text:
+                lines_read += 1
+                tokens = line.split()
+                if tokens:
+                    # Some lists name paths ("/JPEGImages/2007_000032.jpg ..."): keep the stem.
+                    yield posixpath.splitext(posixpath.basename(tokens[0]))[0]
+        except UnicodeDecodeError as error:
+            raise _not_utf8(split_file, lines_read + 1, error) from error
 
 
 def voc_records(
@@ -646,6 +685,7 @@ __all__ = [
     "VOC_CLASS_NAMES",
     "DataError",
     "Record",
+    "check_label_map",
     "class_names_for",
     "coco_category_map",
     "coco_class_names",

@@ -23,7 +23,7 @@ import torch
 from raysseg import layout
 from raysseg.config import IGNORE_INDEX, Config, ResourcesConfig, from_dict, to_dict
 from raysseg.data import io
-from raysseg.data.records import write_manifest
+from raysseg.data.records import check_label_map, write_manifest
 from raysseg.data.transforms import normalize
 from raysseg.engine.checkpoint import load_checkpoint, restore_model
 from raysseg.labels.cam import multiscale_cam
@@ -249,7 +249,15 @@ def _compute_and_write(
     # The decoded image travels with the model outputs: each image is decoded once per update.
     image = arrays["image"] if "image" in arrays else io.read_image(row["image_uri"])
     if mode == "ground_truth":
-        seg_label = io.read_label(row["mask_uri"])
+        # A GT mask of another size or with ids past the classes is refused here, naming the file,
+        # so it is recorded in the errors table instead of failing the next training stage.
+        seg_label = check_label_map(
+            io.read_label(row["mask_uri"]),
+            config.model.num_classes,
+            row["mask_uri"],
+            image.shape,
+            row["image_uri"],
+        )
         sal_label = ((seg_label > 0) & (seg_label != IGNORE_INDEX)).astype(np.float32)
     else:
         prior = _saliency_source(config, saliency_cache)(image, row["image_id"])
