@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import posixpath
-import re
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,10 +28,6 @@ from raysseg.config import Config, ConfigError, changed_settings, config_from_ya
 from raysseg.data import io
 from raysseg.data.records import DataError, Record, check_label_map, read_manifest
 from raysseg.engine.checkpoint import CheckpointError, load_checkpoint, restore_model
-
-# Names the atomic writers give unfinished files: io (".name.tmp-<hex>", "dir.old-<hex>"), the
-# label update (manifest.tmp-<ns>/) and checkpoints (".name.<pid>.<hex>.tmp").
-_TEMP_NAME = re.compile(r"\.tmp-|\.old-[0-9a-f]{32}$|^\..*\.tmp$")
 
 
 @dataclass(frozen=True)
@@ -78,7 +73,7 @@ def _walk_files(run_dir: str) -> Iterator[str]:
 def _check_temp_files(files: list[str]) -> Iterator[Problem]:
     for path in files:
         parts = path.replace("\\", "/").split("/")
-        if any(_TEMP_NAME.search(part) for part in parts):
+        if any(io.is_temp_name(part) for part in parts):
             yield Problem(path, "left-over temporary file of an interrupted write")
 
 

@@ -15,6 +15,7 @@ import functools
 import io
 import os
 import posixpath
+import re
 import uuid
 from collections.abc import Callable
 from urllib.parse import urlparse
@@ -36,6 +37,38 @@ _ATOMIC_PUT_SCHEMES = ("s3", "gs", "gcs")
 
 class ImageReadError(OSError):
     """A file could not be decoded as an image / label map / saliency map; the message names it."""
+
+
+# Names the atomic writers give unfinished files and folders: ".name.tmp-<hex>" (_write_via_temp),
+# "dir.old-<hex>" (replace_dir), "manifest.tmp-<ns>/" (the label update), ".name.<pid>.<hex>.tmp"
+# (checkpoints). SIGKILL skips every cleanup, so an interrupted run can leave them behind.
+_TEMP_NAME = re.compile(r"\.tmp-[0-9a-f]+$|\.old-[0-9a-f]{32}$|^\..+\.tmp$")
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether a file or folder name is one of the temp names of an interrupted atomic write."""
+    return bool(_TEMP_NAME.search(name))
+
+
+def remove_temp_files(folder: str) -> int:
+    """Delete every temp file / folder of interrupted writes under `folder`; returns how many.
+
+    Only for a folder no one else is writing to (a rerun, before it starts any work).
+    """
+    filesystem, root = resolve(folder)
+    selector = pafs.FileSelector(root, recursive=True, allow_not_found=True)
+    removed = 0
+    for info in filesystem.get_file_info(selector):
+        if not is_temp_name(posixpath.basename(info.path)):
+            continue
+        if filesystem.get_file_info(info.path).type == pafs.FileType.NotFound:
+            continue  # inside a temp folder removed a moment ago
+        if info.type == pafs.FileType.Directory:
+            filesystem.delete_dir(info.path)
+        else:
+            filesystem.delete_file(info.path)
+        removed += 1
+    return removed
 
 
 def _is_uri(uri: str) -> bool:
@@ -101,17 +134,16 @@ def makedirs(uri: str) -> None:
 def list_files(uri: str, suffix: str = "") -> list[str]:
     """Sorted URIs of the files directly inside folder `uri` whose names end with `suffix`."""
     filesystem, path = resolve(uri)
-    try:
-        infos = filesystem.get_file_info(pafs.FileSelector(path, recursive=False))
+    try:  # FileInfo decodes its path lazily: the error surfaces while reading the names
+        names = sorted(
+            posixpath.basename(info.path)
+            for info in filesystem.get_file_info(pafs.FileSelector(path, recursive=False))
+            if info.type == pafs.FileType.File and info.path.endswith(suffix)
+        )
     except UnicodeDecodeError as error:
         raise ValueError(
             f"folder '{uri}' holds a file whose name is not valid UTF-8 ({error}); rename it"
         ) from error
-    names = sorted(
-        posixpath.basename(info.path)
-        for info in infos
-        if info.type == pafs.FileType.File and info.path.endswith(suffix)
-    )
     return [join(uri, name) for name in names]
 
 
@@ -130,14 +162,14 @@ def read_bytes(uri: str) -> bytes:
         raise FileNotFoundError(f"file not found: '{uri}'") from error
 
 
-def open_text(uri: str, encoding: str = "utf-8") -> io.TextIOWrapper:
-    """A streaming text reader (for CSV files of any size)."""
+def open_text(uri: str, encoding: str = "utf-8", errors: str = "strict") -> io.TextIOWrapper:
+    """A streaming text reader (for CSV files of any size); `errors` as in `open`."""
     filesystem, path = resolve(uri)
     try:
         stream = filesystem.open_input_stream(path)
     except FileNotFoundError as error:
         raise FileNotFoundError(f"file not found: '{uri}'") from error
-    return io.TextIOWrapper(stream, encoding=encoding, newline="")
+    return io.TextIOWrapper(stream, encoding=encoding, errors=errors, newline="")
 
 
 def write_bytes_atomic(uri: str, data: bytes) -> None:
@@ -410,6 +442,7 @@ __all__ = [
     "encode_png",
     "exists",
     "is_dir",
+    "is_temp_name",
     "join",
     "list_files",
     "makedirs",
@@ -419,6 +452,7 @@ __all__ = [
     "read_image_size",
     "read_label",
     "read_saliency",
+    "remove_temp_files",
     "replace_dir",
     "resolve",
     "saliency_to_uint8",

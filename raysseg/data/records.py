@@ -202,9 +202,23 @@ def labels_from_mask(mask: np.ndarray, num_classes: int, mask_uri: str = "") -> 
     return tuple(int(c) for c in present)
 
 
-def _not_utf8(uri: str, line: int, error: UnicodeDecodeError) -> DataError:
-    # Text streams decode in chunks: the bad byte is on `line` or a later line of the same chunk.
-    return DataError(f"file '{uri}' is not UTF-8 text (at or after line {line}: {error})")
+def _not_utf8(uri: str, line: int, text: str) -> DataError:
+    return DataError(f"file '{uri}' is not UTF-8 text: line {line} reads {text.strip()!r}")
+
+
+def _utf8_lines(uri: str) -> Iterator[str]:
+    """Lines of a text file (newlines kept); a line that is not UTF-8 is a DataError naming it.
+
+    Decoding with surrogateescape and checking line by line gives the exact line number (a strict
+    stream decoder fails per 8 KB chunk, far from the line at fault).
+    """
+    with io.open_text(uri, errors="surrogateescape") as text:
+        for number, line in enumerate(text, start=1):
+            try:
+                line.encode("utf-8")
+            except UnicodeEncodeError:
+                raise _not_utf8(uri, number, line) from None
+            yield line
 
 
 # ----------------------------------------------------------------------------------------------
@@ -213,12 +227,7 @@ def _not_utf8(uri: str, line: int, error: UnicodeDecodeError) -> DataError:
 
 def read_class_names(uri: str) -> list[str]:
     """One class name per line (blank lines skipped); the first is the background."""
-    data = io.read_bytes(uri)
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise _not_utf8(uri, data[: error.start].count(b"\n") + 1, error) from error
-    names = [line.strip() for line in text.splitlines() if line.strip()]
+    names = [line.strip() for line in _utf8_lines(uri) if line.strip()]
     if len(names) < 2:
         raise DataError(f"class names file '{uri}': needs background + at least one class")
     duplicates = sorted({name for name in names if names.count(name) > 1})
@@ -298,13 +307,8 @@ def _iter_label_rows(labels_file: str) -> Iterator[tuple[int, dict]]:
                 row_number += 1
                 yield row_number, row
         return
-    row_number = 1  # line 1 is the header
-    with io.open_text(labels_file) as text:
-        try:
-            for row_number, row in enumerate(csv.DictReader(text), start=2):
-                yield row_number, row
-        except UnicodeDecodeError as error:
-            raise _not_utf8(labels_file, row_number + 1, error) from error
+    for row_number, row in enumerate(csv.DictReader(_utf8_lines(labels_file)), start=2):
+        yield row_number, row  # line 1 is the header
 
 
 def _check_label_columns(row: dict, labels_file: str) -> None:
@@ -338,17 +342,11 @@ def _split_ids(split_file: str) -> Iterator[str]:
     """Image ids from an ImageSets split file (first token of each line; SBD files have two)."""
     if not io.exists(split_file):
         raise DataError(f"split file not found: '{split_file}'")
-    lines_read = 0
-    with io.open_text(split_file) as text:
-        try:
-            for line in text:
-                lines_read += 1
-                tokens = line.split()
-                if tokens:
-                    # Some lists name paths ("/JPEGImages/2007_000032.jpg ..."): keep the stem.
-                    yield posixpath.splitext(posixpath.basename(tokens[0]))[0]
-        except UnicodeDecodeError as error:
-            raise _not_utf8(split_file, lines_read + 1, error) from error
+    for line in _utf8_lines(split_file):
+        tokens = line.split()
+        if tokens:
+            # Some lists name paths ("/JPEGImages/2007_000032.jpg ..."): keep the stem.
+            yield posixpath.splitext(posixpath.basename(tokens[0]))[0]
 
 
 def voc_records(

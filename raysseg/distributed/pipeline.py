@@ -111,7 +111,10 @@ def _absolute_run_dir(config: Config) -> Config:
 
 
 def prepare_run_dir(config: Config) -> None:
-    """Save the resolved config first; refuse a run directory written by a different config."""
+    """Save the resolved config first; refuse a run directory written by a different config.
+
+    On a rerun, left-over temp files of an interrupted write are removed (one driver per run dir).
+    """
     path = layout.join(config.run_dir, "config.yaml")
     if io.exists(path):
         saved = config_from_yaml_text(io.read_bytes(path).decode("utf-8"), where=path)
@@ -121,6 +124,9 @@ def prepare_run_dir(config: Config) -> None:
                 f"run directory '{config.run_dir}' was written by another config (differs in "
                 f"{', '.join(changed)}); use a new run_dir or the same settings"
             )
+        # A rerun after a crash: half-written files of the killed run would never be reused (temp
+        # names are unique), so clear them before any step starts writing.
+        io.remove_temp_files(config.run_dir)
         return
     io.makedirs(config.run_dir)
     io.write_bytes_atomic(path, dump_yaml(config).encode("utf-8"))
