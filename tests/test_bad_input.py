@@ -427,7 +427,9 @@ def _digest(folder: Path) -> dict[str, str]:
 
 @pytest.mark.ray
 @pytest.mark.timeout(300)
-def test_label_update_records_bad_inputs_and_keeps_everything_written(tmp_path: Path) -> None:
+def test_label_update_records_bad_inputs_and_keeps_everything_written(
+    tmp_path: Path, tmp_path_factory
+) -> None:
     import ray
 
     from raysseg.distributed.refine import update_labels
@@ -456,7 +458,8 @@ def test_label_update_records_bad_inputs_and_keeps_everything_written(tmp_path: 
         )
 
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    ray.init(num_cpus=3, include_dashboard=False, _temp_dir=str(tmp_path / "ray"))
+    # A short temp dir: Ray's socket paths under it must stay below 107 bytes.
+    ray.init(num_cpus=3, include_dashboard=False, _temp_dir=str(tmp_path_factory.mktemp("ray")))
     try:
         assert update(0, "ground_truth", manifest)["written"] == 10
         stage_0 = _digest(Path(layout.stage_dir(run, 0)))
@@ -490,7 +493,8 @@ def test_label_update_records_bad_inputs_and_keeps_everything_written(tmp_path: 
     good = sorted(r.image_id for r in read_manifest(layout.stage_manifest(run, 1)))
     assert good == [f"train_{i:06d}" for i in (0, 5, 6, 7, 8, 9)]
 
-    assert gt_summary["errors"] == 2 and gt_summary["written"] == 8
+    # Images 1 and 2 are still broken (4 errors in all); 5 and 6 have bad masks.
+    assert gt_summary["errors"] == 4 and gt_summary["written"] == 6
     reasons = {
         row["image_id"]: row["error"]
         for row in pq.read_table(layout.stage_errors(run, 2)).to_pylist()
