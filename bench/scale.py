@@ -221,21 +221,24 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _current_rss_bytes() -> int:
+    """Resident memory now, from /proc (Linux; the machines this bench documents)."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 class _RssSampler:
     """Samples this process's resident memory every 50 ms; `stop()` returns the peak in MiB."""
 
     def __init__(self) -> None:
-        import psutil
-
-        self._process = psutil.Process()
-        self._peak = self._process.memory_info().rss
+        self._peak = _current_rss_bytes()
         self._running = True
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
 
     def _sample(self) -> None:
         while self._running:
-            self._peak = max(self._peak, self._process.memory_info().rss)
+            self._peak = max(self._peak, _current_rss_bytes())
             time.sleep(0.05)
 
     def stop(self) -> float:

@@ -116,6 +116,25 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from collections import Counter
+
+    from raysseg.data import io
+    from raysseg.verify import verify_run
+
+    if not io.is_dir(args.run_dir):
+        print(f"raysseg verify: run directory '{args.run_dir}' does not exist", file=sys.stderr)
+        return 2
+    tally: Counter = Counter()
+    problems = 0
+    for problem in verify_run(args.run_dir, tally):
+        print(problem)
+        problems += 1
+    checked = ", ".join(f"{count} {what}" for what, count in sorted(tally.items()))
+    print(f"verify {args.run_dir}: {problems} problem(s); checked {checked or 'nothing'}")
+    return 1 if problems else 0
+
+
 def _add_ray_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", default=None, help="Ray address (default: auto / local)")
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of a new local Ray")
@@ -178,6 +197,12 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--out", required=True)
     predict.add_argument("--no-crf", action="store_true")
     predict.set_defaults(run=_cmd_predict)
+
+    verify = commands.add_parser(
+        "verify", help="check a run directory: labels, sizes, ranges, checkpoints, config"
+    )
+    verify.add_argument("run_dir", help="the run directory (path or URI)")
+    verify.set_defaults(run=_cmd_verify)
 
     demo = commands.add_parser("demo", help="synthetic data, local Ray, 3-stage pipeline, report")
     demo.add_argument("--out", default="runs/demo")

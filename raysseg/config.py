@@ -131,6 +131,7 @@ class ResourcesConfig:
     refine_custom: str = ""  # per label-inference actor
     crf_custom: str = ""  # per CRF/fusion task
     error_budget: float = 0.01  # fraction of images that may fail in a label update
+    max_failures: int = 2  # Ray Train restarts of a stage after a worker / node failure
     progress_seconds: float = 10.0  # how often long work prints done/total, rate, errors, ETA
 
 
@@ -204,6 +205,7 @@ _NON_NEGATIVE = (
     "resources.refine_gpus_per_actor",
     "resources.crf_cpus",
     "resources.progress_seconds",
+    "resources.max_failures",
 )
 _CUSTOM_RESOURCES = ("resources.train_custom", "resources.refine_custom", "resources.crf_custom")
 
@@ -432,6 +434,18 @@ def config_hash(config: Config, exclude: tuple[str, ...] = ("run_dir",)) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+# Settings that may change between reruns of one run directory without invalidating its artifacts.
+RESUMABLE_KEYS = ("run_dir", "resources.", "data.num_workers")
+
+
+def changed_settings(saved: Config, current: Config) -> list[str]:
+    """Dotted keys whose values differ, leaving out RESUMABLE_KEYS (sorted)."""
+    old, new = to_flat_dict(saved), to_flat_dict(current)
+    return sorted(
+        key for key in new if old.get(key) != new[key] and not key.startswith(RESUMABLE_KEYS)
+    )
+
+
 def describe_keys() -> list[tuple[str, str, Any]]:
     """(dotted key, type name, default) for every setting, for `raysseg config --keys`."""
     rows = []
@@ -443,6 +457,7 @@ def describe_keys() -> list[tuple[str, str, Any]]:
 __all__ = [
     "IGNORE_INDEX",
     "PRESETS",
+    "RESUMABLE_KEYS",
     "Config",
     "ConfigError",
     "DataConfig",
@@ -453,6 +468,7 @@ __all__ = [
     "OptimConfig",
     "ResourcesConfig",
     "StagesConfig",
+    "changed_settings",
     "config_from_yaml_text",
     "config_hash",
     "dump_yaml",

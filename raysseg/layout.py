@@ -46,6 +46,16 @@ def stage_dir(run_dir: str, stage: int) -> str:
     return join(run_dir, f"stage_{stage}")
 
 
+def final_checkpoint(run_dir: str, name: str) -> str:
+    """The final weights of a training step: name "warmup" or "stage_k" (known before it runs)."""
+    return join(run_dir, name, "checkpoint", "checkpoint.pt")
+
+
+def step_marker(run_dir: str, step: str) -> str:
+    """The done marker of a pipeline step ("manifest", "stage_0/labels", ...), written last."""
+    return join(run_dir, f"{step}.DONE")
+
+
 def label_uri(labels_root: str, kind: str, image_id: str) -> str:
     """kind: 'seg' or 'sal'."""
     return sharded_uri(join(labels_root, kind), image_id)

@@ -48,6 +48,7 @@ class Head:
     temp_dir: Path  # short: Ray's unix socket paths under it must stay below 107 characters
     dashboard_url: str
     env: dict[str, str]  # the environment a client of this head uses (HOME, auth mode)
+    address: str = ""  # the GCS address a driver joins (RAY_ADDRESS)
 
 
 def _free_ports(count: int) -> list[int]:
@@ -141,7 +142,12 @@ def _start_head(root: Path, auth_mode: str) -> Head:
         args += [flag, str(port)]
     started = _run(args, env, timeout=120)
     assert started.returncode == 0, started.stdout + started.stderr
-    return Head(root / "r", f"http://127.0.0.1:{ports['--dashboard-port']}", env)
+    return Head(
+        root / "r",
+        f"http://127.0.0.1:{ports['--dashboard-port']}",
+        env,
+        address=f"127.0.0.1:{ports['--port']}",
+    )
 
 
 def _tiny_job_config(root: Path) -> Path:

@@ -18,7 +18,7 @@ import torch
 
 from raysseg.config import DataConfig
 from raysseg.data import io
-from raysseg.data.records import DataError, Record, labels_to_multihot
+from raysseg.data.records import DataError, Record, check_label_map, labels_to_multihot
 from raysseg.data.transforms import normalize, to_tensor, train_transform
 
 MODES = ("warmup", "train", "eval")
@@ -83,12 +83,13 @@ class StageDataset(torch.utils.data.Dataset):
     def _eval_item(self, record: Record, image: np.ndarray) -> dict:
         if not record.mask_uri:
             raise DataError(f"eval needs a ground-truth mask: image '{record.image_id}' has none")
-        gt = io.read_label(record.mask_uri)
-        if gt.shape != image.shape[:2]:
-            raise DataError(
-                f"mask '{record.mask_uri}' is {gt.shape}, image '{record.image_uri}' is "
-                f"{image.shape[:2]}"
-            )
+        gt = check_label_map(
+            io.read_label(record.mask_uri),
+            self.num_classes,
+            record.mask_uri,
+            image.shape,
+            record.image_uri,
+        )
         return {"image": normalize(image), "gt": to_tensor(gt), "rgb": torch.from_numpy(image)}
 
     def _train_item(self, record: Record, image: np.ndarray, rng: np.random.Generator) -> dict:
@@ -100,14 +101,19 @@ class StageDataset(torch.utils.data.Dataset):
                     f"seg_label_uri={record.seg_label_uri!r}, "
                     f"sal_label_uri={record.sal_label_uri!r}"
                 )
-            seg = io.read_label(record.seg_label_uri)
+            seg = check_label_map(
+                io.read_label(record.seg_label_uri),
+                self.num_classes,
+                record.seg_label_uri,
+                image.shape,
+                record.image_uri,
+            )
             sal = io.read_saliency(record.sal_label_uri)
-            for uri, array in ((record.seg_label_uri, seg), (record.sal_label_uri, sal)):
-                if array.shape != image.shape[:2]:
-                    raise DataError(
-                        f"pseudo label '{uri}' is {array.shape}, image '{record.image_uri}' is "
-                        f"{image.shape[:2]}"
-                    )
+            if sal.shape != image.shape[:2]:
+                raise DataError(
+                    f"saliency label '{record.sal_label_uri}' is (H, W) = {sal.shape}, but its "
+                    f"image '{record.image_uri}' is {image.shape[:2]}"
+                )
         crop = train_transform(
             image,
             seg,

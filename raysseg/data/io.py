@@ -15,6 +15,7 @@ import functools
 import io
 import os
 import posixpath
+import re
 import uuid
 from collections.abc import Callable
 from urllib.parse import urlparse
@@ -23,6 +24,12 @@ import numpy as np
 import pyarrow.fs as pafs
 from PIL import Image
 
+# Largest image (width x height) decoded. The size is read from the file header BEFORE any pixel is
+# decoded, so a decompression bomb (a small file declaring a huge canvas) never allocates: 40 MP is
+# 120 MB as uint8 RGB, above every segmentation dataset (COCO/VOC < 0.5 MP, Cityscapes 2 MP) and
+# under half of PIL's own warning threshold (89 MP), which therefore never fires.
+MAX_IMAGE_PIXELS = 40_000_000
+
 # Schemes whose writes only become visible when the upload completes: a direct write is already
 # atomic there, and a temp-name-then-move would cost a full server-side copy.
 _ATOMIC_PUT_SCHEMES = ("s3", "gs", "gcs")
@@ -30,6 +37,70 @@ _ATOMIC_PUT_SCHEMES = ("s3", "gs", "gcs")
 
 class ImageReadError(OSError):
     """A file could not be decoded as an image / label map / saliency map; the message names it."""
+
+
+# Names the atomic writers give unfinished files and folders: ".name.tmp-<hex>" (_write_via_temp),
+# "dir.old-<hex>" (replace_dir), "manifest.tmp-<ns>/" (the label update), ".name.<pid>.<hex>.tmp"
+# (checkpoints). SIGKILL skips every cleanup, so an interrupted run can leave them behind.
+_TEMP_NAME = re.compile(r"\.tmp-[0-9a-f]+$|\.old-[0-9a-f]{32}$|^\..+\.tmp$")
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether a file or folder name is one of the temp names of an interrupted atomic write."""
+    return bool(_TEMP_NAME.search(name))
+
+
+def remove_temp_files(
+    folder: str, max_depth: int | None = None, skip_dirs: tuple[str, ...] = ()
+) -> int:
+    """Delete every temp file / folder of interrupted writes under `folder`; returns how many.
+
+    `max_depth` limits the walk (1 = `folder`'s own entries) and folders named in `skip_dirs` are
+    not entered: a run directory's per-image shard folders hold millions of files, and listing them
+    on every rerun would cost more than the step.
+    Object stores are skipped: their writes are single PUTs that leave no temp names behind.
+    Only for a folder no one else is writing to (a rerun, before it starts any work).
+    """
+    if _writes_are_atomic(folder):
+        return 0
+    filesystem, root = resolve(folder)
+    removed = 0
+    for info in _walk(filesystem, root, max_depth, skip_dirs):
+        if not is_temp_name(posixpath.basename(info.path)):
+            continue
+        if filesystem.get_file_info(info.path).type == pafs.FileType.NotFound:
+            continue  # inside a temp folder removed a moment ago
+        if info.type == pafs.FileType.Directory:
+            filesystem.delete_dir(info.path)
+        else:
+            filesystem.delete_file(info.path)
+        removed += 1
+    return removed
+
+
+def _walk(
+    filesystem: pafs.FileSystem, root: str, max_depth: int | None, skip_dirs: tuple[str, ...]
+) -> list[pafs.FileInfo]:
+    if max_depth is None and not skip_dirs:
+        selector = pafs.FileSelector(root, recursive=True, allow_not_found=True)
+        return filesystem.get_file_info(selector)
+    found: list[pafs.FileInfo] = []
+    level = [root]
+    for _ in range(max_depth if max_depth is not None else 1_000):
+        entries = [
+            info
+            for folder in level
+            for info in filesystem.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+        ]
+        found.extend(entries)
+        level = [
+            e.path
+            for e in entries
+            if e.type == pafs.FileType.Directory and posixpath.basename(e.path) not in skip_dirs
+        ]
+        if not level:
+            break
+    return found
 
 
 def _is_uri(uri: str) -> bool:
@@ -44,8 +115,9 @@ def _filesystem_for(scheme: str, netloc: str) -> pafs.FileSystem:
 
 
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path inside it) for a local path or URI."""
+    """(filesystem, path inside it) for a local path or URI; a non-UTF-8 path is an error naming it."""
     uri = os.fspath(uri)
+    _check_utf8(uri)
     if not _is_uri(uri):
         return pafs.LocalFileSystem(), os.path.abspath(uri)
     parsed = urlparse(uri)
@@ -54,6 +126,18 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     if parsed.scheme in _ATOMIC_PUT_SCHEMES:
         return _filesystem_for(parsed.scheme, parsed.netloc), parsed.netloc + parsed.path
     return pafs.FileSystem.from_uri(uri)
+
+
+def _check_utf8(uri: str) -> None:
+    # Undecodable bytes of a file name reach Python as lone surrogates ("caf\udce9.jpg"); pyarrow
+    # only takes UTF-8 paths and would fail later with an error that does not name the file.
+    try:
+        uri.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(
+            f"path {uri!r} is not valid UTF-8 (byte {error.object[error.start]!r} at position "
+            f"{error.start}); rename the file"
+        ) from error
 
 
 def join(uri: str, *parts: str) -> str:
@@ -82,12 +166,16 @@ def makedirs(uri: str) -> None:
 def list_files(uri: str, suffix: str = "") -> list[str]:
     """Sorted URIs of the files directly inside folder `uri` whose names end with `suffix`."""
     filesystem, path = resolve(uri)
-    infos = filesystem.get_file_info(pafs.FileSelector(path, recursive=False))
-    names = sorted(
-        posixpath.basename(info.path)
-        for info in infos
-        if info.type == pafs.FileType.File and info.path.endswith(suffix)
-    )
+    try:  # FileInfo decodes its path lazily: the error surfaces while reading the names
+        names = sorted(
+            posixpath.basename(info.path)
+            for info in filesystem.get_file_info(pafs.FileSelector(path, recursive=False))
+            if info.type == pafs.FileType.File and info.path.endswith(suffix)
+        )
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"folder '{uri}' holds a file whose name is not valid UTF-8 ({error}); rename it"
+        ) from error
     return [join(uri, name) for name in names]
 
 
@@ -113,14 +201,14 @@ def read_bytes(uri: str) -> bytes:
         raise FileNotFoundError(f"file not found: '{uri}'") from error
 
 
-def open_text(uri: str, encoding: str = "utf-8") -> io.TextIOWrapper:
-    """A streaming text reader (for CSV files of any size)."""
+def open_text(uri: str, encoding: str = "utf-8", errors: str = "strict") -> io.TextIOWrapper:
+    """A streaming text reader (for CSV files of any size); `errors` as in `open`."""
     filesystem, path = resolve(uri)
     try:
         stream = filesystem.open_input_stream(path)
     except FileNotFoundError as error:
         raise FileNotFoundError(f"file not found: '{uri}'") from error
-    return io.TextIOWrapper(stream, encoding=encoding, newline="")
+    return io.TextIOWrapper(stream, encoding=encoding, errors=errors, newline="")
 
 
 def write_bytes_atomic(uri: str, data: bytes) -> None:
@@ -206,18 +294,42 @@ def replace_dir(source_dir: str, destination_dir: str) -> None:
     source_fs.delete_dir(source_path)
 
 
-def _open_pil(uri: str) -> Image.Image:
-    """Open and fully decode with PIL; any failure becomes ImageReadError naming the file."""
+_PIL_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def _open_pil_header(uri: str) -> Image.Image:
+    """Open with PIL reading only the header; refuse empty files and images over MAX_IMAGE_PIXELS."""
     data = read_bytes(uri)
     if not data:
         raise ImageReadError(f"cannot read image '{uri}': the file is empty (0 bytes)")
     try:
         image = Image.open(io.BytesIO(data))
+    except _PIL_ERRORS as error:
+        raise ImageReadError(f"cannot read image '{uri}': {error}") from error
+    width, height = image.size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ImageReadError(
+            f"cannot read image '{uri}': {width} x {height} = {width * height} pixels is over "
+            f"the limit of {MAX_IMAGE_PIXELS} (raysseg.data.io.MAX_IMAGE_PIXELS); downscale it"
+        )
+    return image
+
+
+def _open_pil(uri: str) -> Image.Image:
+    """Open and fully decode with PIL; any failure becomes ImageReadError naming the file."""
+    image = _open_pil_header(uri)
+    try:
         # load() decodes every pixel now and raises on truncated data (Image.open alone is lazy).
         image.load()
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+    except _PIL_ERRORS as error:
         raise ImageReadError(f"cannot read image '{uri}': {error}") from error
     return image
+
+
+def read_image_size(uri: str) -> tuple[int, int]:
+    """(H, W) of an image / label map from its header, without decoding the pixels."""
+    width, height = _open_pil_header(uri).size
+    return height, width
 
 
 def _to_uint8(array: np.ndarray) -> np.ndarray:
@@ -368,6 +480,7 @@ def saliency_to_uint8(saliency: np.ndarray) -> np.ndarray:
 
 
 __all__ = [
+    "MAX_IMAGE_PIXELS",
     "ImageReadError",
     "copy_file",
     "delete_dir",
@@ -375,14 +488,17 @@ __all__ = [
     "encode_png",
     "exists",
     "is_dir",
+    "is_temp_name",
     "join",
     "list_files",
     "makedirs",
     "open_text",
     "read_bytes",
     "read_image",
+    "read_image_size",
     "read_label",
     "read_saliency",
+    "remove_temp_files",
     "replace_dir",
     "resolve",
     "saliency_to_uint8",

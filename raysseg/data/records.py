@@ -170,17 +170,58 @@ def labels_to_multihot(labels: Iterable[int], num_classes: int) -> np.ndarray:
     return multihot
 
 
-def labels_from_mask(mask: np.ndarray, num_classes: int, mask_uri: str = "") -> tuple[int, ...]:
-    """Present fg ids of a class-id mask (0 = background and 255 = ignore excluded)."""
-    present = np.unique(mask)
-    present = present[(present != 0) & (present != IGNORE_INDEX)]
-    too_large = present[present >= num_classes]
+def check_label_map(
+    label: np.ndarray,
+    num_classes: int,
+    uri: str,
+    image_shape: tuple[int, ...] | None = None,
+    image_uri: str = "",
+) -> np.ndarray:
+    """`label` itself when its ids are in 0..C-1 or 255 and its (H, W) is the image's; else DataError.
+
+    A label map of another size would be silently resized or crash a loss far from its file; an id
+    outside the classes would index past the logits. Both name the file and the value.
+    """
+    if image_shape is not None and tuple(label.shape[:2]) != tuple(image_shape[:2]):
+        raise DataError(
+            f"label map '{uri}' is (H, W) = {tuple(label.shape[:2])}, but its image "
+            f"'{image_uri}' is {tuple(image_shape[:2])}"
+        )
+    present = np.unique(label)
+    too_large = present[(present >= num_classes) & (present != IGNORE_INDEX)]
     if too_large.size:
         raise DataError(
-            f"mask '{mask_uri}' has class id {int(too_large[0])}, but there are only "
+            f"label map '{uri}' has class id {int(too_large[0])}, but there are only "
             f"{num_classes} classes (ids 0..{num_classes - 1}, 255 = ignore)"
         )
+    return label
+
+
+def labels_from_mask(mask: np.ndarray, num_classes: int, mask_uri: str = "") -> tuple[int, ...]:
+    """Present fg ids of a class-id mask (0 = background and 255 = ignore excluded)."""
+    check_label_map(mask, num_classes, mask_uri)
+    present = np.unique(mask)
+    present = present[(present != 0) & (present != IGNORE_INDEX)]
     return tuple(int(c) for c in present)
+
+
+def _not_utf8(uri: str, line: int, text: str) -> DataError:
+    return DataError(f"file '{uri}' is not UTF-8 text: line {line} reads {text.strip()!r}")
+
+
+def _utf8_lines(uri: str) -> Iterator[str]:
+    """Lines of a text file (newlines kept); a line that is not UTF-8 is a DataError naming it.
+
+    Decoding with surrogateescape and checking line by line gives the exact line number (a strict
+    stream decoder fails per 8 KB chunk, far from the line at fault).
+    """
+    with io.open_text(uri, errors="surrogateescape") as text:
+        for number, line in enumerate(text, start=1):
+            try:
+                line.encode("utf-8")
+            except UnicodeEncodeError:
+                raise _not_utf8(uri, number, line) from None
+            yield line
 
 
 # ----------------------------------------------------------------------------------------------
@@ -189,8 +230,7 @@ def labels_from_mask(mask: np.ndarray, num_classes: int, mask_uri: str = "") -> 
 
 def read_class_names(uri: str) -> list[str]:
     """One class name per line (blank lines skipped); the first is the background."""
-    text = io.read_bytes(uri).decode("utf-8")
-    names = [line.strip() for line in text.splitlines() if line.strip()]
+    names = [line.strip() for line in _utf8_lines(uri) if line.strip()]
     if len(names) < 2:
         raise DataError(f"class names file '{uri}': needs background + at least one class")
     duplicates = sorted({name for name in names if names.count(name) > 1})
@@ -270,10 +310,8 @@ def _iter_label_rows(labels_file: str) -> Iterator[tuple[int, dict]]:
                 row_number += 1
                 yield row_number, row
         return
-    with io.open_text(labels_file) as text:
-        reader = csv.DictReader(text)
-        for row_number, row in enumerate(reader, start=2):  # line 1 is the header
-            yield row_number, row
+    for row_number, row in enumerate(csv.DictReader(_utf8_lines(labels_file)), start=2):
+        yield row_number, row  # line 1 is the header
 
 
 def _check_label_columns(row: dict, labels_file: str) -> None:
@@ -307,12 +345,11 @@ def _split_ids(split_file: str) -> Iterator[str]:
     """Image ids from an ImageSets split file (first token of each line; SBD files have two)."""
     if not io.exists(split_file):
         raise DataError(f"split file not found: '{split_file}'")
-    with io.open_text(split_file) as text:
-        for line in text:
-            tokens = line.split()
-            if tokens:
-                # Some lists name paths ("/JPEGImages/2007_000032.jpg ..."): keep the stem.
-                yield posixpath.splitext(posixpath.basename(tokens[0]))[0]
+    for line in _utf8_lines(split_file):
+        tokens = line.split()
+        if tokens:
+            # Some lists name paths ("/JPEGImages/2007_000032.jpg ..."): keep the stem.
+            yield posixpath.splitext(posixpath.basename(tokens[0]))[0]
 
 
 def voc_records(
@@ -731,6 +768,7 @@ __all__ = [
     "DataError",
     "ManifestRows",
     "Record",
+    "check_label_map",
     "class_names_for",
     "coco_category_map",
     "coco_class_names",

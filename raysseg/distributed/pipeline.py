@@ -16,15 +16,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from raysseg import layout
-from raysseg.config import Config, ConfigError, config_from_yaml_text, dump_yaml, to_flat_dict
+from raysseg.config import (
+    Config,
+    ConfigError,
+    changed_settings,
+    config_from_yaml_text,
+    dump_yaml,
+)
 from raysseg.data import io
 from raysseg.data.records import Record, coco_records, folder_records, voc_records, write_manifest
 from raysseg.distributed.evaluate import evaluate_checkpoint, label_quality
 from raysseg.distributed.refine import update_labels
 from raysseg.distributed.train import StageSpec, train_stage
-
-# Settings that may change between reruns of one run directory without invalidating its artifacts.
-RESUMABLE_KEYS = ("run_dir", "resources.", "data.num_workers")
 
 
 @dataclass(frozen=True)
@@ -88,7 +91,7 @@ def _brief(result: dict[str, Any]) -> str:
 
 
 def _marker(run_dir: str, step: str) -> str:
-    return layout.join(run_dir, f"{step}.DONE")
+    return layout.step_marker(run_dir, step)
 
 
 def is_done(run_dir: str, step: str) -> bool:
@@ -107,27 +110,34 @@ def _absolute_run_dir(config: Config) -> Config:
     return replace(config, run_dir=os.path.abspath(config.run_dir))
 
 
+RUN_DIR_SWEEP_DEPTH = 3  # run/stage_k/checkpoint/<file>, run/manifest/train/<part>
+PER_IMAGE_FOLDERS = ("labels", "saliency", "coco_masks")
+
+
 def prepare_run_dir(config: Config) -> None:
-    """Save the resolved config first; refuse a run directory written by a different config."""
+    """Save the resolved config first; refuse a run directory written by a different config.
+
+    On a rerun, left-over temp files of an interrupted write are removed (one driver per run dir).
+    """
     path = layout.join(config.run_dir, "config.yaml")
     if io.exists(path):
         saved = config_from_yaml_text(io.read_bytes(path).decode("utf-8"), where=path)
-        changed = _changed_keys(saved, config)
+        changed = changed_settings(saved, config)
         if changed:
             raise ConfigError(
                 f"run directory '{config.run_dir}' was written by another config (differs in "
                 f"{', '.join(changed)}); use a new run_dir or the same settings"
             )
+        # A rerun after a crash: half-written files of the killed run would never be reused (temp
+        # names are unique), so clear them before any step starts writing. Markers, manifests and
+        # checkpoints sit a few levels down; per-image shard folders are left to the label update
+        # that resumes them.
+        io.remove_temp_files(
+            config.run_dir, max_depth=RUN_DIR_SWEEP_DEPTH, skip_dirs=PER_IMAGE_FOLDERS
+        )
         return
     io.makedirs(config.run_dir)
     io.write_bytes_atomic(path, dump_yaml(config).encode("utf-8"))
-
-
-def _changed_keys(saved: Config, current: Config) -> list[str]:
-    old, new = to_flat_dict(saved), to_flat_dict(current)
-    return sorted(
-        key for key in new if old.get(key) != new[key] and not key.startswith(RESUMABLE_KEYS)
-    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -183,7 +193,7 @@ def _bind(function: Callable[..., dict], *args: Any) -> Callable[[], dict]:
 
 def _checkpoint(run_dir: str, step: str) -> str:
     """Where a training step leaves its final weights (known before the step runs)."""
-    return layout.join(run_dir, step.split("/")[0], "checkpoint", "checkpoint.pt")
+    return layout.final_checkpoint(run_dir, step.split("/")[0])
 
 
 def _previous_checkpoint(run_dir: str, stage: int) -> str:

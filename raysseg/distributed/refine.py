@@ -31,6 +31,7 @@ from raysseg.data import io
 from raysseg.data.records import (
     DEFAULT_ROWS_PER_FILE,
     ROWS_PER_GROUP,
+    check_label_map,
     manifest_row_count,
     read_manifest_columns,
     write_manifest,
@@ -76,6 +77,10 @@ def update_labels(
     if total == 0:
         write_manifest([], out_manifest)
         return {"images": 0, "errors": 0, "written": 0, "skipped": 0, "seconds": 0.0}
+    # A rerun of an interrupted update: PNG temp files of killed tasks are never reused, so clear
+    # them (local filesystems only; this lists the stage's shards once).
+    io.remove_temp_files(labels_root)
+    io.remove_temp_files(saliency_cache)
     progress = ProgressCounter.remote()
     if mode != "ground_truth":
         dataset = dataset.map_batches(
@@ -104,7 +109,7 @@ def update_labels(
     )
     # Every output row (URIs + statistics) goes to a staging folder, written by Ray Data in blocks;
     # the driver then counts two columns a batch at a time and splits off the failures.
-    staging = f"{out_manifest}.staging-{time.time_ns()}"
+    staging = f"{out_manifest}.tmp-{time.time_ns()}"
     meter = ProgressMeter(name, total)
     _run_with_progress(
         lambda: _write_rows(dataset, staging), progress, meter, resources.progress_seconds, log
@@ -391,7 +396,15 @@ def _compute_and_write(
     # The decoded image travels with the model outputs: each image is decoded once per update.
     image = arrays["image"] if "image" in arrays else io.read_image(row["image_uri"])
     if mode == "ground_truth":
-        seg_label = io.read_label(row["mask_uri"])
+        # A GT mask of another size or with ids past the classes is refused here, naming the file,
+        # so it is recorded in the errors table instead of failing the next training stage.
+        seg_label = check_label_map(
+            io.read_label(row["mask_uri"]),
+            config.model.num_classes,
+            row["mask_uri"],
+            image.shape,
+            row["image_uri"],
+        )
         sal_label = ((seg_label > 0) & (seg_label != IGNORE_INDEX)).astype(np.float32)
     else:
         prior = _saliency_source(config, saliency_cache)(image, row["image_id"])

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import ray
 import ray.train
 import ray.train.torch
@@ -52,9 +53,15 @@ class StageSpec:
     storage_path: str  # Ray Train storage (absolute path or URI)
 
 
-def train_stage(config: Config, spec: StageSpec, max_failures: int = 2) -> dict[str, Any]:
-    """Fit one stage on the Ray cluster; return {"checkpoint": uri of checkpoint.pt, "metrics": ...}."""
+def train_stage(config: Config, spec: StageSpec, max_failures: int | None = None) -> dict[str, Any]:
+    """Fit one stage on the Ray cluster; return {"checkpoint": uri of checkpoint.pt, "metrics": ...}.
+
+    `max_failures`: worker-group restarts after a crash (None = `resources.max_failures`); each
+    restart resumes from the stage's last checkpoint.
+    """
     resources = config.resources
+    if max_failures is None:
+        max_failures = resources.max_failures
     worker_resources = {"CPU": resources.cpus_per_worker}
     if resources.use_gpu:
         worker_resources["GPU"] = resources.gpus_per_worker
@@ -121,6 +128,9 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
         model, parallel_strategy_kwargs={"find_unused_parameters": warmup}
     )
     for epoch in range(start_epoch, spec.epochs):
+        # The global torch RNG (Dropout2d) restarts from (seed, epoch, rank) every epoch, so an epoch
+        # replayed after a worker crash draws the same masks as in an uninterrupted run.
+        torch.manual_seed(epoch_seed(config.optim.seed, epoch, rank))
         sampler.set_epoch(epoch)
         loader.dataset.set_epoch(epoch)
         metrics = train_one_epoch(
@@ -141,6 +151,11 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
                 model, config, spec.val_manifest, device, rank, world_size
             )
         _report_with_checkpoint(metrics, model, optimizer, scheduler, scaler, epoch, config, rank)
+
+
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """A torch seed for one (run seed, epoch, worker rank): independent streams, reproducible."""
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
 
 
 def _train_loader(

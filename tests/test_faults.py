@@ -1,0 +1,351 @@
+"""Faults survived: a killed training worker, a killed driver (mid label update, between steps), a
+node removed during a label update.
+
+Every process killed here was started by the test itself and is found by its pid: Ray Train workers
+are descendants of this test's own Ray (its private temp dir names them), drivers are subprocesses in
+their own process group, nodes belong to this test's `Cluster`. Never `ray stop` or kill by name:
+other Ray sessions share the machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+from ray.cluster_utils import Cluster
+from ray_helpers import tiny_config
+from test_job_submit import _processes_under, _start_head, _stop_head, _tiny_job_config
+
+from raysseg import layout
+from raysseg.data.records import read_manifest, voc_records, write_manifest
+from raysseg.data.synth import generate_synthetic
+from raysseg.distributed.refine import update_labels
+from raysseg.distributed.train import StageSpec, train_stage
+from raysseg.engine.checkpoint import load_checkpoint, save_checkpoint
+from raysseg.model.network import build_model
+from raysseg.verify import verify_run
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _wait_for(condition: Callable[[], bool], timeout_s: float, what: str, poll_s: float = 0.02):
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"waited {timeout_s:.0f} s for {what}")
+        time.sleep(poll_s)
+
+
+def _seg_files(run_dir: Path, stage: int) -> list[Path]:
+    return list(Path(layout.stage_labels(str(run_dir), stage), "seg").rglob("*.png"))
+
+
+def _cmdline(pid: int) -> str:
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    return ""
+
+
+# ---------------------------------------------------------------------------------------------
+# A Ray Train worker killed mid-epoch
+
+
+@pytest.fixture
+def own_ray(tmp_path_factory):
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    temp_dir = tmp_path_factory.mktemp("ray")
+    ray.init(num_cpus=3, include_dashboard=False, _temp_dir=str(temp_dir))
+    yield temp_dir
+    ray.shutdown()
+
+
+def _train_worker_pids(ray_temp_dir: Path) -> list[int]:
+    """Ray Train worker processes of THIS test's Ray (descendants of its raylet)."""
+    return [pid for pid in _processes_under(ray_temp_dir) if "RayTrainWorker" in _cmdline(pid)]
+
+
+def _checkpoint_states(storage: Path) -> list[dict]:
+    """The checkpoints Ray Train registered for the stage (its snapshot file), in epoch order.
+
+    A folder whose upload a kill interrupted is never registered, and is not counted.
+    """
+    snapshot = json.loads((storage / "warmup" / "checkpoint_manager_snapshot.json").read_text())
+    folders = [
+        storage / "warmup" / r["checkpoint_dir_name"] for r in snapshot["checkpoint_results"]
+    ]
+    states = [load_checkpoint(str(folder / "checkpoint.pt")) for folder in folders]
+    return sorted(states, key=lambda state: state["epoch"])
+
+
+def test_training_worker_killed_mid_epoch_resumes_to_the_same_weights(
+    own_ray: Path, tmp_path: Path
+) -> None:
+    data = tmp_path / "synth"
+    generate_synthetic(str(data), n_train=64, n_val=0, size=64, seed=4)
+    epochs = 3
+
+    def run(name: str, kill: bool) -> tuple[dict, list[dict], list[int]]:
+        # 64 images of 64 px: an epoch lasts about a second, so the kill lands inside one.
+        config = tiny_config(data, tmp_path / name, "resources.max_failures=1", "data.crop_size=64")
+        manifest = layout.dataset_manifest(config.run_dir, "train")
+        write_manifest(voc_records(str(data), "train"), manifest)
+        storage = tmp_path / name / "train"
+        spec = StageSpec("warmup", "warmup", manifest, "", "", epochs, str(storage))
+        killed: list[int] = []
+        if kill:
+            threading.Thread(
+                target=_kill_after_first_checkpoint, args=(own_ray, storage, killed), daemon=True
+            ).start()
+        result = train_stage(config, spec)
+        return load_checkpoint(result["checkpoint"]), _checkpoint_states(storage), killed
+
+    reference, reference_states, _ = run("reference", kill=False)
+    final, states, killed = run("killed", kill=True)
+
+    assert killed, "no Ray Train worker was found and killed"
+    killed_pid, checkpoints_at_kill = killed
+    assert not Path(f"/proc/{killed_pid}").exists()
+    assert 1 <= checkpoints_at_kill < epochs  # killed during training, not after it
+    # One checkpoint per epoch, each epoch once: the restarted worker resumed from the last
+    # checkpoint (epoch 1) instead of training from scratch (which would report epoch 1 twice).
+    assert [s["epoch"] for s in states] == list(range(1, epochs + 1))
+    # The same learning rate at every epoch as the uninterrupted run (PolyLR restored exactly).
+    assert [s["extra"]["lr"] for s in states] == [s["extra"]["lr"] for s in reference_states]
+    assert final["epoch"] == reference["epoch"] == epochs
+    # Tolerance: CPU kernels with the same thread count are deterministic and every source of
+    # randomness is reseeded per epoch (data order, crops, Dropout2d), so the replayed epoch is
+    # the same computation; 1e-6 only allows for float32 rounding, not for a different run.
+    for name, tensor in reference["model_state"].items():
+        torch.testing.assert_close(
+            final["model_state"][name], tensor, rtol=0, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}"
+        )
+
+
+def _registered_checkpoints(snapshot: Path) -> int:
+    try:
+        return len(json.loads(snapshot.read_text())["checkpoint_results"])
+    except (OSError, ValueError, KeyError):  # not written yet, or caught mid-write
+        return 0
+
+
+def _kill_after_first_checkpoint(ray_temp_dir: Path, storage: Path, killed: list[int]) -> None:
+    """SIGKILL the Ray Train worker as soon as epoch 1's checkpoint is registered: mid-epoch 2.
+
+    The worker's pid is looked up beforehand, so the kill follows the registration within one poll
+    (10 ms) while an epoch takes about a second. Registered = listed in Ray Train's snapshot file
+    (a checkpoint folder alone may still be uploading and would be discarded by the restart).
+    """
+    snapshot = storage / "warmup" / "checkpoint_manager_snapshot.json"
+    deadline, pid = time.monotonic() + 300, None
+    while time.monotonic() < deadline:
+        if pid is None:
+            pid = next(iter(_train_worker_pids(ray_temp_dir)), None)
+        registered = _registered_checkpoints(snapshot)
+        if pid is not None and registered:
+            os.kill(pid, signal.SIGKILL)
+            killed.extend([pid, registered])
+            return
+        time.sleep(0.01)
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver killed (SIGKILL) mid label update, and between steps; the same command rerun
+
+
+@pytest.fixture
+def head(tmp_path_factory):
+    """A private head (own ports, temp dir, HOME); drivers join it, so killing a driver orphans
+    nothing, and teardown stops exactly this head's processes."""
+    import shutil
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="rsf", dir="/tmp"))  # short: Ray's socket paths
+    started = _start_head(root, "disabled")
+    yield root, started
+    _stop_head(root / "r")
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def _pipeline_command(config: Path) -> list[str]:
+    # refine_batch_size=1: labels appear one image at a time, so the kill lands mid-update.
+    return [
+        sys.executable,
+        "-m",
+        "raysseg",
+        "pipeline",
+        "--config",
+        str(config),
+        "resources.refine_batch_size=1",
+    ]
+
+
+def _start_driver(head_info, config: Path, log: Path) -> subprocess.Popen:
+    env = {**head_info.env, "RAY_ADDRESS": head_info.address, "PYTHONPATH": str(REPO)}
+    with open(log, "ab") as out:
+        # Own session = own process group: the kill reaches the driver and anything it spawned.
+        return subprocess.Popen(
+            _pipeline_command(config),
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def _kill_driver(driver: subprocess.Popen) -> None:
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait(timeout=60)
+
+
+def _settled_count(run_dir: Path, stage: int) -> int:
+    """Label files once the killed job's last tasks are gone (the count stops changing)."""
+    previous, stable_since = -1, time.monotonic()
+    while time.monotonic() - stable_since < 3.0:
+        count = len(_seg_files(run_dir, stage))
+        if count != previous:
+            previous, stable_since = count, time.monotonic()
+        time.sleep(0.2)
+    return previous
+
+
+def test_driver_killed_mid_label_update_then_rerun_labels_every_image_once(head, tmp_path) -> None:
+    root, head_info = head
+    config = _tiny_job_config(root)
+    run_dir = root / "run"
+    images = len(list(_split_ids(root / "data")))
+    log = tmp_path / "driver.log"
+
+    driver = _start_driver(head_info, config, log)
+    _wait_for(
+        lambda: len(_seg_files(run_dir, 0)) >= 1 or driver.poll() is not None,
+        300,
+        "the first stage-0 label",
+    )
+    _kill_driver(driver)
+    assert not (run_dir / "stage_0" / "labels.DONE").exists(), log.read_text()[-3000:]
+    before_rerun = _settled_count(run_dir, 0)
+    assert 0 < before_rerun <= images
+
+    rerun = _start_driver(head_info, config, log)
+    assert rerun.wait(timeout=400) == 0, log.read_text()[-5000:]
+    marker = json.loads((run_dir / "stage_0" / "labels.DONE").read_text())
+    # Labelled exactly once: what the killed run finished is skipped, only the rest is written.
+    assert marker["skipped"] == before_rerun and marker["written"] == images - before_rerun
+    assert len(_seg_files(run_dir, 0)) == images
+    assert len(list(read_manifest(layout.stage_manifest(str(run_dir), 0)))) == images
+    problems = [str(p) for p in verify_run(str(run_dir))]  # also: no temp / partial files
+    assert problems == []
+
+
+def _split_ids(data_root: Path) -> list[str]:
+    return (data_root / "ImageSets" / "Segmentation" / "train.txt").read_text().split()
+
+
+def test_driver_killed_between_steps_rerun_starts_at_the_next_unfinished_step(
+    head, tmp_path
+) -> None:
+    root, head_info = head
+    config = _tiny_job_config(root)
+    run_dir = root / "run"
+    log = tmp_path / "driver.log"
+
+    driver = _start_driver(head_info, config, log)
+    _wait_for(
+        lambda: (run_dir / "warmup.DONE").exists() or driver.poll() is not None,
+        300,
+        "the warm-up to finish",
+    )
+    _kill_driver(driver)
+    done = sorted(p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*.DONE"))
+    assert "warmup.DONE" in done, log.read_text()[-3000:]
+    warmup_weights = (run_dir / "warmup" / "checkpoint" / "checkpoint.pt").read_bytes()
+
+    log.write_text("")
+    rerun = _start_driver(head_info, config, log)
+    assert rerun.wait(timeout=400) == 0, log.read_text()[-5000:]
+    lines = log.read_text().splitlines()
+    ran = [line.split("] ", 1)[1].split(":")[0] for line in lines if line.endswith(": running")]
+    skipped = [line.split("] ", 1)[1].split(":")[0] for line in lines if "done earlier" in line]
+    finished_before = [name.removesuffix(".DONE") for name in done]
+    assert sorted(skipped) == sorted(finished_before), lines
+    assert ran and ran[0] not in finished_before and "warmup" not in ran, lines
+    # The finished warm-up was not retrained: its weights are byte for byte those of the first run.
+    assert (run_dir / "warmup" / "checkpoint" / "checkpoint.pt").read_bytes() == warmup_weights
+    assert (run_dir / "final.DONE").exists()
+    assert [str(p) for p in verify_run(str(run_dir))] == []
+
+
+# ---------------------------------------------------------------------------------------------
+# A worker node removed from a 3-node cluster during a label update
+
+
+@pytest.fixture
+def three_nodes():
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    workers = [cluster.add_node(num_cpus=2) for _ in range(2)]
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address)
+    yield cluster, workers
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def test_worker_node_removed_during_label_update_job_completes(three_nodes, tmp_path) -> None:
+    cluster, workers = three_nodes
+    data = tmp_path / "synth"
+    n_images = 40
+    generate_synthetic(str(data), n_train=n_images, n_val=0, size=40, seed=6)
+    config = tiny_config(data, tmp_path / "run", "resources.refine_batch_size=1")
+    manifest = layout.dataset_manifest(config.run_dir, "train")
+    write_manifest(voc_records(str(data), "train"), manifest)
+    checkpoint = tmp_path / "model.pt"
+    save_checkpoint(checkpoint, build_model(config.model))
+    run_dir = Path(config.run_dir)
+    removed: list[str] = []
+
+    def remove_a_node() -> None:
+        _wait_for(lambda: len(_seg_files(run_dir, 0)) >= 2, 300, "the first labels")
+        labelled_before = len(_seg_files(run_dir, 0))
+        cluster.remove_node(workers[0], allow_graceful=False)  # SIGKILL of that node's raylet
+        removed.extend([workers[0].node_id, time.monotonic(), labelled_before])
+
+    threading.Thread(target=remove_a_node, daemon=True).start()
+    summary = update_labels(
+        config,
+        mode="initial",
+        checkpoint=str(checkpoint),
+        in_manifest=manifest,
+        labels_root=layout.stage_labels(config.run_dir, 0),
+        out_manifest=layout.stage_manifest(config.run_dir, 0),
+        errors_path=layout.stage_errors(config.run_dir, 0),
+        saliency_cache=layout.saliency_cache(config.run_dir),
+    )
+    finished_at = time.monotonic()
+    assert removed, "the node was not removed before the label update finished"
+    node_id, removed_at, labelled_before = removed
+    assert removed_at < finished_at and labelled_before < n_images  # removed mid-update
+    assert summary["errors"] == 0 and summary["images"] == n_images
+    assert len(_seg_files(run_dir, 0)) == n_images
+    rows = list(read_manifest(layout.stage_manifest(config.run_dir, 0)))
+    assert sorted(r.image_id for r in rows) == sorted(_split_ids(data))
+    # The cluster itself saw the node die (the GCS notices a killed raylet within seconds).
+    _wait_for(
+        lambda: node_id not in {n["NodeID"] for n in ray.nodes() if n["Alive"]},
+        120,
+        "the GCS to mark the removed node dead",
+        poll_s=1.0,
+    )
