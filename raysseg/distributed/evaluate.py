@@ -8,15 +8,15 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import ray
-import ray.data
 import torch
 
 from raysseg import layout
 from raysseg.config import Config, from_dict, to_dict
 from raysseg.data import io
 from raysseg.data.records import class_names_for
+from raysseg.distributed.placement import require_custom_resources
 from raysseg.distributed.refine import inference_pool_options
+from raysseg.distributed.storage import read_parquet
 from raysseg.engine.checkpoint import load_checkpoint, restore_model
 from raysseg.engine.metrics import ConfusionMatrix, LabelQuality
 from raysseg.predict import predict_label
@@ -24,7 +24,7 @@ from raysseg.predict import predict_label
 
 def label_quality(manifest: str, num_classes: int, batch_size: int = 16) -> dict[str, Any]:
     """Precision / recall / mIoU of a stage's pseudo labels against the GT masks in the manifest."""
-    dataset = ray.data.read_parquet(manifest, columns=["seg_label_uri", "mask_uri"])
+    dataset = read_parquet(manifest, columns=["seg_label_uri", "mask_uri"])
     dataset = dataset.filter(expr="mask_uri != ''")
     counts = dataset.map_batches(
         _label_quality_batch,
@@ -58,7 +58,8 @@ def evaluate_checkpoint(
     """Val mIoU of a checkpoint with the test-time recipe of METHOD.md (or single scale, no CRF)."""
     manifest = manifest or layout.dataset_manifest(config.run_dir, "val")
     resources = config.resources
-    dataset = ray.data.read_parquet(manifest).repartition(max(2, 2 * resources.refine_actors))
+    require_custom_resources(resources, ["refine"])
+    dataset = read_parquet(manifest).repartition(max(2, 2 * resources.refine_actors))
     matrices = dataset.map_batches(
         _Scorer,
         fn_constructor_kwargs={

@@ -25,6 +25,8 @@ from raysseg.config import IGNORE_INDEX, Config, ResourcesConfig, from_dict, to_
 from raysseg.data import io
 from raysseg.data.records import write_manifest
 from raysseg.data.transforms import normalize
+from raysseg.distributed.placement import custom_resources, require_custom_resources
+from raysseg.distributed.storage import read_parquet, write_parquet_atomic
 from raysseg.engine.checkpoint import load_checkpoint, restore_model
 from raysseg.labels.cam import multiscale_cam
 from raysseg.labels.saliency import build_saliency
@@ -55,7 +57,8 @@ def update_labels(
     started = time.perf_counter()
     resources = config.resources
     config_dict = to_dict(config)
-    dataset = ray.data.read_parquet(in_manifest)
+    require_custom_resources(resources, ["crf"] if mode == "ground_truth" else ["refine", "crf"])
+    dataset = read_parquet(in_manifest)
     # Small manifests coalesce into one block: split so every actor gets work.
     dataset = dataset.repartition(max(4, 4 * resources.refine_actors))
     if mode != "ground_truth":
@@ -79,6 +82,7 @@ def update_labels(
         },
         batch_size=resources.refine_batch_size,
         num_cpus=resources.crf_cpus,
+        resources=custom_resources(resources, "crf"),
         batch_format="pandas",
     )
     # Rows are small now (URIs + statistics): keep them once, then split into manifest and errors.
@@ -102,6 +106,7 @@ def inference_pool_options(resources: ResourcesConfig) -> dict[str, Any]:
         "batch_size": resources.refine_batch_size,
         "num_cpus": resources.refine_cpus_per_actor,
         "num_gpus": resources.refine_gpus_per_actor,
+        "resources": custom_resources(resources, "refine"),
         "batch_format": "pandas",
     }
 
@@ -125,19 +130,12 @@ def _write_outputs(rows: ray.data.Dataset, out_manifest: str, errors_path: str) 
     if counts["errors"]:
         failed = failed.select_columns(["image_id", "image_uri", "error"])
         counts["first_error"] = str(status["error"][errors].iloc[0])
-        _write_parquet_atomic(failed, errors_path)
+        write_parquet_atomic(failed, errors_path)
     if counts["images"] > counts["errors"]:
-        _write_parquet_atomic(succeeded, out_manifest)
+        write_parquet_atomic(succeeded, out_manifest)
     else:
         write_manifest([], out_manifest)  # keeps the schema; Ray writes no file for 0 rows
     return counts
-
-
-def _write_parquet_atomic(dataset: ray.data.Dataset, path: str) -> None:
-    """Write to a temp folder, then move into place: a reader never sees half a manifest."""
-    temporary = f"{path}.tmp-{time.time_ns()}"
-    dataset.write_parquet(temporary)
-    io.replace_dir(temporary, path)
 
 
 class LabelInference:
