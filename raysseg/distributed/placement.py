@@ -67,7 +67,9 @@ def require_custom_resources(resources: ResourcesConfig, kinds: Iterable[str]) -
             time.sleep(min(_POLL_SECONDS, max(0.0, deadline - time.monotonic())))
             missing = _missing(wanted)
     finally:
-        request_resources(bundles=[])  # the work itself keeps a node once it is placed
+        # The request is cluster-wide and replaces earlier ones: clear it, the work itself keeps
+        # a node once placed (Ray Data renews its own requests while it runs).
+        request_resources(bundles=[])
     if missing:
         advertised = sorted(_node_resource_names())
         problems = "; ".join(
