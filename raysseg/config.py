@@ -130,6 +130,9 @@ class ResourcesConfig:
     train_custom: str = ""  # per Ray Train worker
     refine_custom: str = ""  # per label-inference actor
     crf_custom: str = ""  # per CRF/fusion task
+    # How long to wait for a node advertising a custom resource above (an autoscaler is asked for
+    # one) before failing with an error that names the key; 0 = fail at once.
+    placement_wait_s: float = 300.0
     error_budget: float = 0.01  # fraction of images that may fail in a label update
     max_failures: int = 2  # Ray Train restarts of a stage after a worker / node failure
     progress_seconds: float = 10.0  # how often long work prints done/total, rate, errors, ETA
@@ -206,6 +209,7 @@ _NON_NEGATIVE = (
     "resources.crf_cpus",
     "resources.progress_seconds",
     "resources.max_failures",
+    "resources.placement_wait_s",
 )
 _CUSTOM_RESOURCES = ("resources.train_custom", "resources.refine_custom", "resources.crf_custom")
 

@@ -69,13 +69,12 @@ def predict_paths(
 ) -> int:
     """Write <name>.png (palette class map) and <name>_overlay.png for every input image."""
     model = restore_model(load_checkpoint(checkpoint)).eval()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    io.makedirs(out_dir)  # a local path or a URI; the inputs are local files
     written = 0
     for path in _expand_inputs(inputs):
         image = io.read_image(str(path))
         label = predict_label(model, image, config, multiscale=True, crf=crf)
-        io.write_png_atomic(str(out / f"{path.stem}.png"), label, palette=io.voc_palette())
-        io.write_png_atomic(str(out / f"{path.stem}_overlay.png"), overlay(image, label))
+        io.write_png_atomic(io.join(out_dir, f"{path.stem}.png"), label, palette=io.voc_palette())
+        io.write_png_atomic(io.join(out_dir, f"{path.stem}_overlay.png"), overlay(image, label))
         written += 1
     return written

@@ -194,3 +194,29 @@ def test_copy_file_and_replace_dir(tmp_path):
     (fresh / "a").write_text("a")
     io.replace_dir(str(fresh), str(tmp_path / "nested" / "target"))
     assert (tmp_path / "nested" / "target" / "a").read_text() == "a"
+
+
+def test_write_atomic_streams_and_keeps_the_old_file_on_failure(tmp_path):
+    target = tmp_path / "ckpt" / "model.pt"
+    io.write_atomic(str(target), lambda stream: stream.write(b"first"), durable=True)
+    assert target.read_bytes() == b"first"
+
+    def broken(stream) -> None:
+        stream.write(b"half of the second")
+        raise RuntimeError("disk gone")
+
+    with pytest.raises(RuntimeError, match="disk gone"):
+        io.write_atomic(str(target), broken, durable=True)
+    assert target.read_bytes() == b"first"  # the old file survives, no temp file is left
+    assert sorted(p.name for p in target.parent.iterdir()) == ["model.pt"]
+
+
+def test_seekable_source_is_the_local_path_and_names_missing_files(tmp_path):
+    path = tmp_path / "w.pt"
+    path.write_bytes(b"x")
+    assert io.is_local(str(path)) and io.is_local(f"file://{path}")
+    assert not io.is_local("s3://bucket/w.pt")
+    assert io.seekable_source(str(path)) == str(path)
+    assert io.seekable_source(f"file://{path}") == str(path)
+    with pytest.raises(FileNotFoundError, match=r"nope\.pt"):
+        io.seekable_source(str(tmp_path / "nope.pt"))

@@ -2,6 +2,10 @@
 
 Every function takes a plain local path or a URI (`s3://bucket/key`, `gs://bucket/key`,
 `file:///abs/path`); URIs go through `pyarrow.fs`, plain paths through the local filesystem.
+Object-store credentials, region and endpoint come from the environment (AWS_ACCESS_KEY_ID,
+AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION, AWS_ENDPOINT_URL for S3-compatible servers; instance
+roles / workload identity; GOOGLE_APPLICATION_CREDENTIALS for GCS). `resolve` hands the same
+filesystem objects to Ray Data and Ray Train, so every reader and writer talks to the same server.
 Decoding is strict: an empty, truncated or non-image file raises `ImageReadError` naming the file,
 instead of handing a half-decoded array to training.
 
@@ -18,6 +22,7 @@ import posixpath
 import re
 import uuid
 from collections.abc import Callable
+from typing import Any, BinaryIO
 from urllib.parse import urlparse
 
 import numpy as np
@@ -107,9 +112,17 @@ def _is_uri(uri: str) -> bool:
     return "://" in uri
 
 
+# Environment variables that select the S3 server; part of the client cache key, so a process that
+# points them elsewhere (a test's local server) gets a new client instead of a stale one.
+_ENDPOINT_VARIABLES = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
+
+
 @functools.lru_cache(maxsize=16)
-def _filesystem_for(scheme: str, netloc: str) -> pafs.FileSystem:
-    # One filesystem object per bucket: creating an S3/GCS client per file is slow.
+def _filesystem_for(scheme: str, netloc: str, endpoint: tuple[str, ...]) -> pafs.FileSystem:
+    # One filesystem object per bucket: creating an S3/GCS client per file is slow. Credentials,
+    # region and endpoint come from the environment (pyarrow reads AWS_ACCESS_KEY_ID,
+    # AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION, AWS_ENDPOINT_URL, instance roles; GCS uses
+    # GOOGLE_APPLICATION_CREDENTIALS or the metadata server), never from the config.
     filesystem, _ = pafs.FileSystem.from_uri(f"{scheme}://{netloc}/")
     return filesystem
 
@@ -124,7 +137,8 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     if parsed.scheme == "file":
         return pafs.LocalFileSystem(), parsed.path
     if parsed.scheme in _ATOMIC_PUT_SCHEMES:
-        return _filesystem_for(parsed.scheme, parsed.netloc), parsed.netloc + parsed.path
+        endpoint = tuple(os.environ.get(name, "") for name in _ENDPOINT_VARIABLES)
+        return _filesystem_for(parsed.scheme, parsed.netloc, endpoint), parsed.netloc + parsed.path
     return pafs.FileSystem.from_uri(uri)
 
 
@@ -201,6 +215,25 @@ def read_bytes(uri: str) -> bytes:
         raise FileNotFoundError(f"file not found: '{uri}'") from error
 
 
+def is_local(uri: str) -> bool:
+    """True for plain paths and file:// URIs (no network between this process and the file)."""
+    uri = os.fspath(uri)
+    return not _is_uri(uri) or urlparse(uri).scheme == "file"
+
+
+def seekable_source(uri: str) -> str | io.BytesIO:
+    """Something `torch.load` / zip readers can open: the local path itself, or a remote file
+    fetched whole into memory (one GET; a zip reader's many small seeks would each be a request).
+    FileNotFoundError names the URI.
+    """
+    if is_local(uri):
+        path = resolve(uri)[1]
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"file not found: '{uri}'")
+        return path
+    return io.BytesIO(read_bytes(uri))
+
+
 def open_text(uri: str, encoding: str = "utf-8", errors: str = "strict") -> io.TextIOWrapper:
     """A streaming text reader (for CSV files of any size); `errors` as in `open`."""
     filesystem, path = resolve(uri)
@@ -213,17 +246,33 @@ def open_text(uri: str, encoding: str = "utf-8", errors: str = "strict") -> io.T
 
 def write_bytes_atomic(uri: str, data: bytes) -> None:
     """Write so readers never see a half-written file (temp name in the same folder, then move)."""
+    write_atomic(uri, lambda stream: stream.write(data))
+
+
+def write_atomic(uri: str, write: Callable[[BinaryIO], Any], durable: bool = False) -> None:
+    """`write(stream)` into `uri` so that readers see the old file or the whole new one.
+
+    Streams, so a large file (a checkpoint) is never held twice in memory. `durable`: on local
+    disks, fsync before the rename, so a crash cannot leave a renamed but empty file (object
+    stores acknowledge an upload only once it is stored).
+    """
     filesystem, path = resolve(uri)
     if _writes_are_atomic(uri):
         with filesystem.open_output_stream(path) as stream:
-            stream.write(data)
+            write(stream)
         return
 
-    def write(temp_path: str) -> None:
+    def write_temp(temp_path: str) -> None:
         with filesystem.open_output_stream(temp_path) as stream:
-            stream.write(data)
+            write(stream)
+        if durable and isinstance(filesystem, pafs.LocalFileSystem):
+            descriptor = os.open(temp_path, os.O_RDONLY)
+            try:
+                os.fsync(descriptor)
+            finally:
+                os.close(descriptor)
 
-    _write_via_temp(filesystem, path, write)
+    _write_via_temp(filesystem, path, write_temp)
 
 
 def _write_via_temp(filesystem: pafs.FileSystem, path: str, write: Callable[[str], None]) -> None:
@@ -488,6 +537,7 @@ __all__ = [
     "encode_png",
     "exists",
     "is_dir",
+    "is_local",
     "is_temp_name",
     "join",
     "list_files",
@@ -502,7 +552,9 @@ __all__ = [
     "replace_dir",
     "resolve",
     "saliency_to_uint8",
+    "seekable_source",
     "voc_palette",
+    "write_atomic",
     "write_bytes_atomic",
     "write_png_atomic",
 ]

@@ -15,6 +15,7 @@ from raysseg import layout
 from raysseg.config import Config, from_dict, to_dict
 from raysseg.data import io
 from raysseg.data.records import class_names_for
+from raysseg.distributed.placement import require_custom_resources
 from raysseg.distributed.refine import inference_pool_options, read_manifest_dataset
 from raysseg.engine.checkpoint import load_checkpoint, restore_model
 from raysseg.engine.metrics import ConfusionMatrix, LabelQuality
@@ -59,6 +60,7 @@ def evaluate_checkpoint(
     """Val mIoU of a checkpoint with the test-time recipe of METHOD.md (or single scale, no CRF)."""
     manifest = manifest or layout.dataset_manifest(config.run_dir, "val")
     resources = config.resources
+    require_custom_resources(resources, ["refine"])
     dataset, _ = read_manifest_dataset(manifest, resources.refine_actors)
     matrices = dataset.map_batches(
         _Scorer,

@@ -37,6 +37,8 @@ from raysseg.data.records import (
     write_manifest,
 )
 from raysseg.data.transforms import normalize
+from raysseg.distributed.placement import custom_resources, require_custom_resources
+from raysseg.distributed.storage import read_parquet, write_parquet, write_parquet_atomic
 from raysseg.engine.checkpoint import load_checkpoint, restore_model
 from raysseg.engine.loop import autocast_for, resolve_amp_dtype
 from raysseg.labels.cam import multiscale_cam
@@ -73,6 +75,7 @@ def update_labels(
     started = time.perf_counter()
     resources = config.resources
     config_dict = to_dict(config)
+    require_custom_resources(resources, ["crf"] if mode == "ground_truth" else ["refine", "crf"])
     dataset, total = read_manifest_dataset(in_manifest, resources.refine_actors)
     if total == 0:
         write_manifest([], out_manifest)
@@ -105,6 +108,7 @@ def update_labels(
         },
         batch_size=resources.refine_batch_size,
         num_cpus=resources.crf_cpus,
+        resources=custom_resources(resources, "crf"),
         batch_format="pandas",
     )
     # Every output row (URIs + statistics) goes to a staging folder, written by Ray Data in blocks;
@@ -142,7 +146,7 @@ def read_manifest_dataset(
     """
     rows = manifest_row_count(manifest)
     per_block = max(1, min(MAX_ROWS_PER_BLOCK, math.ceil(rows / (4 * max(1, parallelism)))))
-    dataset = ray.data.read_parquet(manifest)
+    dataset = read_parquet(manifest)
     if columns:
         dataset = dataset.select_columns(columns)
     return dataset.repartition(target_num_rows_per_block=per_block), rows
@@ -155,6 +159,7 @@ def inference_pool_options(resources: ResourcesConfig) -> dict[str, Any]:
         "batch_size": resources.refine_batch_size,
         "num_cpus": resources.refine_cpus_per_actor,
         "num_gpus": resources.refine_gpus_per_actor,
+        "resources": custom_resources(resources, "refine"),
         "batch_format": "pandas",
     }
 
@@ -215,13 +220,16 @@ def _run_with_progress(
         raise outcome["failure"]
 
 
-def _write_rows(dataset: ray.data.Dataset, path: str) -> None:
-    dataset.write_parquet(
-        path,
-        min_rows_per_file=ROWS_PER_GROUP,
-        max_rows_per_file=DEFAULT_ROWS_PER_FILE,
-        row_group_size=ROWS_PER_GROUP,
-    )
+# Manifest files of bounded size (and row groups ManifestRows can index), however many blocks.
+ROW_FILE_OPTIONS = {
+    "min_rows_per_file": ROWS_PER_GROUP,
+    "max_rows_per_file": DEFAULT_ROWS_PER_FILE,
+    "row_group_size": ROWS_PER_GROUP,
+}
+
+
+def _write_rows(dataset: ray.data.Dataset, uri: str) -> None:
+    write_parquet(dataset, uri, **ROW_FILE_OPTIONS)
 
 
 def _split_outputs(staging: str, out_manifest: str, errors_path: str) -> dict[str, Any]:
@@ -243,22 +251,15 @@ def _split_outputs(staging: str, out_manifest: str, errors_path: str) -> dict[st
         io.replace_dir(staging, out_manifest)
         return counts
     counts["first_error"] = first_error
-    rows = ray.data.read_parquet(staging)
+    rows = read_parquet(staging)
     failed = rows.filter(expr=col("error") != "").select_columns(["image_id", "image_uri", "error"])
-    _write_parquet_atomic(failed, errors_path)
+    write_parquet_atomic(failed, errors_path, **ROW_FILE_OPTIONS)
     if counts["images"] > counts["errors"]:
-        _write_parquet_atomic(rows.filter(expr=col("error") == ""), out_manifest)
+        write_parquet_atomic(rows.filter(expr=col("error") == ""), out_manifest, **ROW_FILE_OPTIONS)
     else:
         write_manifest([], out_manifest)  # keeps the schema; Ray writes no file for 0 rows
     io.delete_dir(staging)
     return counts
-
-
-def _write_parquet_atomic(dataset: ray.data.Dataset, path: str) -> None:
-    """Write to a temp folder, then move into place: a reader never sees half a manifest."""
-    temporary = f"{path}.tmp-{time.time_ns()}"
-    _write_rows(dataset, temporary)
-    io.replace_dir(temporary, path)
 
 
 class LabelInference:

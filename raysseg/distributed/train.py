@@ -7,6 +7,7 @@ Rerunning the same stage resumes from its last checkpoint (same RunConfig name +
 
 from __future__ import annotations
 
+import posixpath
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +24,10 @@ from ray.train.torch import TorchTrainer
 from torch.utils.data import DataLoader
 
 from raysseg.config import Config, from_dict, to_dict
-from raysseg.data import io
 from raysseg.data.dataset import BlockShuffleSampler, build_stage_dataset, collate
 from raysseg.data.records import ManifestRows
+from raysseg.distributed.placement import require_custom_resources, train_worker_resources
+from raysseg.distributed.storage import train_storage, uri_in_storage
 from raysseg.engine.checkpoint import (
     load_checkpoint,
     load_model_state,
@@ -62,20 +64,18 @@ def train_stage(config: Config, spec: StageSpec, max_failures: int | None = None
     resources = config.resources
     if max_failures is None:
         max_failures = resources.max_failures
-    worker_resources = {"CPU": resources.cpus_per_worker}
-    if resources.use_gpu:
-        worker_resources["GPU"] = resources.gpus_per_worker
+    require_custom_resources(resources, ["train"])
     trainer = TorchTrainer(
         _train_worker,
         train_loop_config={"config": to_dict(config), "spec": spec.__dict__},
         scaling_config=ScalingConfig(
             num_workers=resources.num_workers,
             use_gpu=resources.use_gpu,
-            resources_per_worker=worker_resources,
+            resources_per_worker=train_worker_resources(resources),
         ),
         run_config=RunConfig(
             name=spec.name,
-            storage_path=spec.storage_path,
+            **train_storage(spec.storage_path),
             failure_config=FailureConfig(max_failures=max_failures),
             # Per-report INFO lines drown the pipeline's own progress; warnings still show.
             logging_config=LoggingConfig(log_level="WARNING"),
@@ -84,10 +84,10 @@ def train_stage(config: Config, spec: StageSpec, max_failures: int | None = None
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"stage {spec.name}: training finished without a checkpoint")
-    checkpoint_uri = io.join(result.checkpoint.path, CHECKPOINT_FILE)
-    if result.checkpoint.filesystem is not None and "://" not in checkpoint_uri:
-        # Local storage: result paths are plain directories.
-        checkpoint_uri = str(Path(checkpoint_uri).resolve())
+    # Ray reports the path inside the storage filesystem ("bucket/run/..." on S3).
+    checkpoint_uri = uri_in_storage(
+        spec.storage_path, posixpath.join(result.checkpoint.path, CHECKPOINT_FILE)
+    )
     return {"checkpoint": checkpoint_uri, "metrics": dict(result.metrics or {})}
 
 

@@ -3,18 +3,19 @@
 The file holds only tensors and plain containers, so it loads with `torch.load(weights_only=True)`
 (no pickled code runs on load), and it carries `model.model_args()` so that the checkpoint alone
 rebuilds the network (nanoGPT's habit) -- label-update actors need nothing else.
+Paths are local paths or object-store URIs (`raysseg.data.io`).
 """
 
 from __future__ import annotations
 
 import os
-import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from raysseg.data import io
 from raysseg.model.network import build_model_from_args
 
 FORMAT = "raysseg-checkpoint-v1"
@@ -56,13 +57,12 @@ def save_checkpoint(
     epoch: int = 0,
     config_dict: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
-) -> Path:
-    """Write one checkpoint file atomically (temp file in the same folder, then os.replace).
+) -> str | Path:
+    """Write one checkpoint file atomically (local: temp file + fsync + rename; object store: one
+    upload); a reader sees either the old checkpoint or the new one. Returns `path` as given.
 
-    A reader never sees a half-written file: either the old checkpoint or the new one.
     `epoch` is the number of finished epochs; `extra` holds plain values (metrics, stage index).
     """
-    path = Path(path)
     inner = unwrap_model(model)
     payload = {
         "format": FORMAT,
@@ -75,26 +75,19 @@ def save_checkpoint(
         "config": config_dict,
         "extra": extra or {},
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(temp, "wb") as handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
+    io.write_atomic(os.fspath(path), lambda stream: torch.save(payload, stream), durable=True)
     return path
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a checkpoint with weights_only=True; errors name the path. Adds "path" to the dict."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint '{path}': file not found")
+    path = os.fspath(path)
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        source = io.seekable_source(path)
+    except FileNotFoundError as error:
+        raise CheckpointError(f"checkpoint '{path}': file not found") from error
+    try:
+        checkpoint = torch.load(source, map_location=map_location, weights_only=True)
     except Exception as error:  # torch raises several types for truncated / foreign files
         raise CheckpointError(f"checkpoint '{path}': cannot be read ({error})") from error
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
@@ -102,7 +95,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     for key in ("model_args", "model_state"):
         if key not in checkpoint:
             raise CheckpointError(f"checkpoint '{path}': missing '{key}'")
-    checkpoint["path"] = str(path)
+    checkpoint["path"] = path
     return checkpoint
 
 

@@ -12,15 +12,16 @@ torchvision's weights API explicitly (network access), and nothing is ever fetch
 
 from __future__ import annotations
 
-import io
 import logging
-from pathlib import Path
+import os
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+
+from raysseg.data import io as data_io
 
 logger = logging.getLogger(__name__)
 
@@ -335,18 +336,10 @@ def build_backbone(
 
 def read_state_dict(source: str) -> dict[str, Tensor]:
     """Read a torch state dict from a local path or a URI (pyarrow.fs), with weights_only=True."""
-    if "://" in source:
-        import pyarrow.fs
-
-        filesystem, path = pyarrow.fs.FileSystem.from_uri(source)
-        if filesystem.get_file_info(path).type != pyarrow.fs.FileType.File:
-            raise FileNotFoundError(f"pretrained weights '{source}': no such file")
-        with filesystem.open_input_file(path) as stream:
-            payload: io.BytesIO | Path = io.BytesIO(stream.read())
-    else:
-        payload = Path(source).expanduser()
-        if not payload.is_file():
-            raise FileNotFoundError(f"pretrained weights '{source}': no such file")
+    try:
+        payload = data_io.seekable_source(os.path.expanduser(source))
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"pretrained weights '{source}': no such file") from error
     try:
         loaded = torch.load(payload, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for corrupt or pickled files

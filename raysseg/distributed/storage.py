@@ -1,0 +1,57 @@
+"""Ray Data and Ray Train on the run directory's storage (a local path or an s3:// / gs:// URI).
+
+Both get the pyarrow filesystem that `raysseg.data.io.resolve` builds, instead of resolving URIs
+themselves: one client configuration (credentials, region, endpoint from the environment) for every
+reader and writer of a run.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import ray.data
+
+from raysseg.data import io
+
+
+def read_parquet(uri: str, **options: Any) -> ray.data.Dataset:
+    """`ray.data.read_parquet` of a manifest folder or file at a local path or URI."""
+    filesystem, path = io.resolve(uri)
+    return ray.data.read_parquet(path, filesystem=filesystem, **options)
+
+
+def write_parquet(dataset: ray.data.Dataset, uri: str, **options: Any) -> None:
+    """`Dataset.write_parquet` to a folder at a local path or URI (options: rows per file ...)."""
+    filesystem, path = io.resolve(uri)
+    dataset.write_parquet(path, filesystem=filesystem, **options)
+
+
+def write_parquet_atomic(dataset: ray.data.Dataset, uri: str, **options: Any) -> None:
+    """Write to a temp folder beside `uri`, then move into place: no reader sees half a manifest."""
+    temporary = f"{uri}.tmp-{time.time_ns()}"
+    write_parquet(dataset, temporary, **options)
+    io.replace_dir(temporary, uri)
+
+
+def train_storage(uri: str) -> dict[str, Any]:
+    """RunConfig keywords that put Ray Train's checkpoints at `uri` (path inside the filesystem)."""
+    filesystem, path = io.resolve(uri)
+    return {"storage_path": path, "storage_filesystem": filesystem}
+
+
+def uri_in_storage(storage_uri: str, path: str) -> str:
+    """The URI of `path`, a path Ray Train reports inside the filesystem of `storage_uri`."""
+    if io.is_local(storage_uri):
+        return path
+    scheme = storage_uri.split("://", 1)[0]
+    return f"{scheme}://{path}"
+
+
+__all__ = [
+    "read_parquet",
+    "train_storage",
+    "uri_in_storage",
+    "write_parquet",
+    "write_parquet_atomic",
+]

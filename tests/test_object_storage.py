@@ -1,0 +1,219 @@
+"""The run directory on S3: an S3-compatible server (moto) started by the test on 127.0.0.1.
+
+Credentials, region and endpoint reach pyarrow, Ray Data and Ray Train only through the
+environment (AWS_* variables set before `ray.init`, so every Ray worker inherits them), as on a
+cluster whose runtime_env or instance role provides them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from pathlib import Path
+
+import boto3
+import numpy as np
+import pyarrow.fs as pafs
+import pytest
+import ray
+from moto.server import ThreadedMotoServer
+from ray_helpers import tiny_config
+
+from raysseg import layout
+from raysseg.data import io
+from raysseg.data.records import Record, read_manifest, write_manifest
+from raysseg.data.synth import generate_synthetic
+from raysseg.distributed.pipeline import run_pipeline
+from raysseg.distributed.refine import update_labels
+from raysseg.distributed.train import StageSpec, train_stage
+from raysseg.engine.checkpoint import load_checkpoint, save_checkpoint
+from raysseg.model.network import build_model
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
+
+BUCKET = "raysseg-test"
+SECRET = "raysseg-dummy-secret-key"  # must never be written into the bucket
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3_bucket():
+    """s3://raysseg-test on a moto server; AWS_* environment set for this module, then restored."""
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    environment = {
+        "AWS_ACCESS_KEY_ID": "raysseg-dummy-key-id",
+        "AWS_SECRET_ACCESS_KEY": SECRET,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+    }
+    saved = {name: os.environ.get(name) for name in environment}
+    os.environ.update(environment)
+    boto3.client("s3").create_bucket(Bucket=BUCKET)
+    yield f"s3://{BUCKET}"
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def ray_with_s3(s3_bucket, tmp_path_factory):
+    # Started after the AWS_* variables are set: Ray workers inherit the driver's environment.
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    ray.init(num_cpus=4, include_dashboard=False, _temp_dir=str(tmp_path_factory.mktemp("ray")))
+    yield s3_bucket
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    # The dataset stays local (images are read by URI either way); the run directory is on S3.
+    root = tmp_path_factory.mktemp("synth")
+    generate_synthetic(str(root), n_train=8, n_val=0, size=40, seed=2)
+    return root
+
+
+def _objects(bucket_uri: str, prefix: str) -> list[str]:
+    filesystem, path = io.resolve(io.join(bucket_uri, prefix))
+    infos = filesystem.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    return sorted(info.path for info in infos if info.type == pafs.FileType.File)
+
+
+def test_io_round_trips_on_s3(s3_bucket, tmp_path) -> None:
+    root = io.join(s3_bucket, "io")
+    label = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    io.write_png_atomic(io.join(root, "a", "label.png"), label, palette=io.voc_palette())
+    assert io.exists(io.join(root, "a", "label.png"))
+    assert not io.exists(io.join(root, "a", "other.png"))
+    np.testing.assert_array_equal(io.read_label(io.join(root, "a", "label.png")), label)
+
+    local = tmp_path / "local.png"
+    io.write_png_atomic(str(local), label)
+    io.copy_file(str(local), io.join(root, "b", "copied.png"))  # local -> S3
+    io.copy_file(io.join(root, "b", "copied.png"), io.join(root, "c", "again.png"))  # S3 -> S3
+    np.testing.assert_array_equal(io.read_label(io.join(root, "c", "again.png")), label)
+    io.copy_file(io.join(root, "c", "again.png"), str(tmp_path / "back.png"))  # S3 -> local
+    assert (tmp_path / "back.png").read_bytes() == local.read_bytes()
+
+    io.replace_dir(io.join(root, "b"), io.join(root, "a"))  # replaces a/label.png by copied.png
+    assert io.list_files(io.join(root, "a")) == [io.join(root, "a", "copied.png")]
+    assert not io.exists(io.join(root, "b", "copied.png"))
+
+    records = [Record(f"img_{i}", f"s3://elsewhere/img_{i}.jpg", (i % 3 + 1,)) for i in range(5)]
+    manifest = io.join(root, "manifest")
+    assert write_manifest(records, manifest, rows_per_file=2) == 5
+    assert len(io.list_files(manifest, suffix=".parquet")) == 3
+    assert list(read_manifest(manifest)) == records
+    assert write_manifest(records[:1], manifest) == 1  # stale parts of the old manifest removed
+    assert list(read_manifest(manifest)) == records[:1]
+
+    checkpoint = io.join(root, "weights", "checkpoint.pt")
+    config = tiny_config(Path("unused"), Path("unused"))
+    save_checkpoint(checkpoint, build_model(config.model), epoch=3)
+    assert load_checkpoint(checkpoint)["epoch"] == 3
+    assert not [key for key in _objects(s3_bucket, "io") if ".tmp" in key]
+
+
+@pytest.fixture(scope="module")
+def pipeline_on_s3(ray_with_s3, tiny_data):
+    """The whole pipeline (one stage) with its run directory on S3; shared by the tests below."""
+    run_dir = io.join(ray_with_s3, "run")
+    # No validation split: the final evaluation reads through the same storage helpers as the
+    # label steps, and leaving it out keeps this module within a few minutes on 2 cores.
+    config = tiny_config(
+        tiny_data, Path("unused"), f"run_dir={run_dir}", "stages.count=1", "data.val_split="
+    )
+    return config, run_pipeline(config, log=lambda line: None)
+
+
+def test_pipeline_keeps_every_artifact_on_s3_and_resumes(pipeline_on_s3, s3_bucket) -> None:
+    config, summary = pipeline_on_s3
+    run_dir = config.run_dir
+    steps = ["manifest", "warmup", "stage_0/labels", "stage_0/train", "stage_0/refine", "final"]
+    for step in steps:
+        assert io.exists(io.join(run_dir, f"{step}.DONE")), step
+    assert io.exists(io.join(run_dir, "config.yaml")) and io.exists(
+        io.join(run_dir, "metrics.json")
+    )
+    for stage in ("warmup", "stage_0"):
+        final = load_checkpoint(io.join(run_dir, stage, "checkpoint", "checkpoint.pt"))
+        assert final["epoch"] == 1
+    assert len(list(read_manifest(layout.stage_manifest(run_dir, 1)))) == 8
+    assert [sorted(row) for row in summary["stages"]] == [
+        ["label_miou", "label_precision", "label_recall", "stage"],
+        ["label_miou", "label_precision", "label_recall", "stage"],
+    ]
+
+    # A rerun finds every step done on S3.
+    lines: list[str] = []
+    run_pipeline(config, log=lines.append)
+    assert sum("done earlier, skipped" in line for line in lines) == len(steps), lines
+
+    # Credentials come from the environment and are never persisted with the run.
+    for key in _objects(s3_bucket, "run"):
+        assert SECRET.encode() not in io.read_bytes(f"s3://{key}"), key
+
+
+def test_training_stage_resumes_from_its_checkpoint_on_s3(pipeline_on_s3, s3_bucket) -> None:
+    config, _ = pipeline_on_s3
+    run_dir = config.run_dir
+    storage = io.join(run_dir, "warmup", "train")
+    before = [k for k in _objects(s3_bucket, "run/warmup/train") if k.endswith("checkpoint.pt")]
+    assert len(before) == 1
+    first_bytes = io.read_bytes(f"s3://{before[0]}")
+    spec = StageSpec(
+        name="warmup",
+        mode="warmup",
+        train_manifest=layout.dataset_manifest(run_dir, "train"),
+        val_manifest="",
+        init_checkpoint="",
+        epochs=2,
+        storage_path=storage,
+    )
+    # One more epoch than the pipeline's warm-up: training continues from the stored checkpoint,
+    # one new epoch and checkpoint, the first left as it was (a restart would train two epochs).
+    resumed = train_stage(config, spec)
+    assert resumed["checkpoint"].startswith(f"{storage}/")
+    assert load_checkpoint(resumed["checkpoint"])["epoch"] == 2
+    after = [k for k in _objects(s3_bucket, "run/warmup/train") if k.endswith("checkpoint.pt")]
+    assert len(after) == 2, after
+    assert io.read_bytes(f"s3://{before[0]}") == first_bytes
+
+
+def test_label_update_on_s3_skips_done_images_and_redoes_lost_ones(pipeline_on_s3, s3_bucket):
+    config, _ = pipeline_on_s3
+    run_dir = config.run_dir
+    arguments = {
+        "mode": "initial",
+        "checkpoint": io.join(run_dir, "warmup", "checkpoint", "checkpoint.pt"),
+        "in_manifest": layout.dataset_manifest(run_dir, "train"),
+        "labels_root": layout.stage_labels(run_dir, 0),
+        "out_manifest": layout.stage_manifest(run_dir, 0),
+        "errors_path": layout.stage_errors(run_dir, 0),
+        "saliency_cache": layout.saliency_cache(run_dir),
+    }
+    # Three labels lost (as after an interrupted update): a rerun computes only those and skips
+    # the five it finds on S3.
+    rows = list(read_manifest(arguments["out_manifest"]))
+    for row in rows[:3]:
+        io.delete_file(row.seg_label_uri)
+    resumed = update_labels(config, **arguments)
+    assert (resumed["written"], resumed["skipped"], resumed["errors"]) == (3, 5, 0), resumed
+    rows = list(read_manifest(arguments["out_manifest"]))
+    assert len(rows) == 8
+    for row in rows:
+        assert row.seg_label_uri.startswith(f"{s3_bucket}/run/stage_0/labels/seg/")
+        assert io.read_label(row.seg_label_uri).shape == (40, 40)
+    labels = _objects(s3_bucket, "run/stage_0/labels")
+    assert len(labels) == 16 and not [key for key in labels if ".tmp" in key]
