@@ -66,6 +66,7 @@ class TuneSettings:
     max_concurrent: int = 2  # trials running at once
     trial_cpus: float = 0.1  # the trial's own driver loop; its Train workers and actors ask apart
     seed: int = 0
+    max_failures: int = 1  # reruns of a failed trial (it resumes its run directory's steps)
     final_eval: bool = False  # run the costly multi-scale + CRF evaluation at the end of a trial
     trial_overrides: dict[str, Any] = field(default_factory=dict)  # shorten every trial
     start_points: tuple[dict[str, Any], ...] = ()  # tried first (e.g. the paper's settings)
@@ -229,6 +230,7 @@ def parse_settings(tune: dict[str, Any], base: Config, params: tuple[Param, ...]
         max_concurrent=int(_number("tune.max_concurrent", tune, defaults.max_concurrent, 0.0)),
         trial_cpus=_number("tune.trial_cpus", tune, defaults.trial_cpus, 0.0),
         seed=int(_number("tune.seed", tune, defaults.seed, -1.0)),
+        max_failures=int(_number("tune.max_failures", tune, defaults.max_failures, -1.0)),
         final_eval=bool(tune.get("final_eval", defaults.final_eval)),
         trial_overrides=_trial_overrides(tune.get("trial_overrides") or {}, base, params),
         start_points=_start_points(tune.get("start_points") or [], base, params),

@@ -178,6 +178,8 @@ def _run_trials(
             name=f"session_{_next_session(campaign)}",
             storage_path=layout.join(campaign, "ray_tune"),
             callbacks=[_ResultRecorder(campaign, base, settings, stopped, log)],
+            # A failed trial (e.g. a lost worker) is rerun; its finished steps are skipped.
+            failure_config=ray.tune.FailureConfig(max_failures=settings.max_failures),
             verbose=1,
         ),
     )
@@ -444,6 +446,10 @@ class _ResultRecorder(ray.tune.Callback):
         self.stopped = stopped
         self.log = log
         self.history: dict[str, list[dict[str, Any]]] = {}
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        # Also called when a failed trial is rerun: it reports its stages again from the first.
+        self.history[trial.trial_id] = []
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         self.history.setdefault(trial.trial_id, []).append(dict(result))
