@@ -86,6 +86,22 @@ def _cmd_refine(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from raysseg.tune_space import load_space
+
+    # Config and space are checked before Ray starts: a wrong key fails in seconds, no trial runs.
+    config = _load_for_ray(args)
+    space = load_space(args.space, config)
+    if args.trials < 1:
+        raise ConfigError(f"--trials: need at least 1, got {args.trials}")
+    from raysseg.distributed.session import ray_session
+    from raysseg.distributed.tune import run_campaign
+
+    with ray_session(address=args.address, num_cpus=args.num_cpus):
+        run_campaign(config, space, trials=args.trials)
+    return 0
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     config = _load_for_ray(args)  # before importing Ray: config errors come first
     from raysseg.distributed.evaluate import evaluate_checkpoint
@@ -181,6 +197,15 @@ def build_parser() -> argparse.ArgumentParser:
         _add_ray_arguments(sub)
         sub.add_argument("--stage", type=int, required=True)
         sub.set_defaults(run=handler)
+
+    tune = commands.add_parser(
+        "tune", help="hyper-parameter campaign (Ray Tune + Optuna); rerun to resume"
+    )
+    _add_config_arguments(tune)
+    _add_ray_arguments(tune)
+    tune.add_argument("--space", required=True, help="search space YAML (jobs/tune_space.yaml)")
+    tune.add_argument("--trials", type=int, required=True, help="trials in all (finished count)")
+    tune.set_defaults(run=_cmd_tune)
 
     evaluate = commands.add_parser("evaluate", help="val mIoU of a checkpoint (multi-scale + CRF)")
     _add_config_arguments(evaluate)

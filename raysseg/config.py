@@ -348,6 +348,11 @@ def validate(config: Config) -> Config:
     return config
 
 
+def with_overrides(config: Config, overrides: dict[str, Any]) -> Config:
+    """`config` with {"section.key": value} applied and validated (errors name the key)."""
+    return validate(_apply(config, overrides))
+
+
 def parse_custom_resources(text: str, key: str = "resources") -> dict[str, float]:
     """ "crf_node=0.01, big_mem=1" -> {"crf_node": 0.01, "big_mem": 1.0}; errors name the key."""
     resources: dict[str, float] = {}
@@ -484,4 +489,5 @@ __all__ = [
     "to_dict",
     "to_flat_dict",
     "validate",
+    "with_overrides",
 ]

@@ -90,3 +90,121 @@ def write_label_grid(config: Config, path: Path, rows: int = 6) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
+
+
+def plot_campaign(
+    rows: list[dict[str, Any]], keys: tuple[str, ...], objectives: tuple[str, ...], folder: str
+) -> list[str]:
+    """Figures of a tuning campaign; returns the written paths (local folder)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = [
+        _plot_objective_per_trial(plt, rows, objectives[0], folder),
+        _plot_parallel_coordinates(plt, rows, keys, objectives[0], folder),
+        _plot_miou_per_stage(plt, rows, folder),
+    ]
+    if len(objectives) > 1:
+        paths.append(_plot_pareto(plt, rows, objectives, folder))
+    return paths
+
+
+def _number(value: Any) -> float:
+    return (
+        float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else np.nan
+    )
+
+
+def _plot_objective_per_trial(plt, rows: list[dict], objective: str, folder: str) -> str:
+    figure, axis = plt.subplots(figsize=(6, 4))
+    values = np.array([_number(row.get(objective)) for row in rows])
+    for status, marker in (("completed", "o"), ("stopped", "x"), ("error", "s")):
+        index = [i for i, row in enumerate(rows) if row["status"] == status]
+        if index:
+            axis.scatter(index, values[index], marker=marker, label=status)
+    if np.isfinite(values).any():
+        best = np.fmax.accumulate(values) if "miou" in objective else np.fmin.accumulate(values)
+        axis.step(range(len(rows)), best, where="post", color="grey", label="best so far")
+    axis.set_xlabel("trial (in order of finishing)")
+    axis.set_ylabel(objective)
+    axis.set_title("raysseg tune: objective per trial")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    return _save(plt, figure, folder, "objective_per_trial.png")
+
+
+def _plot_parallel_coordinates(plt, rows: list[dict], keys, objective: str, folder: str) -> str:
+    """One line per trial across the searched values (each axis scaled to its own range)."""
+    columns = [*keys, objective]
+    table = np.array(
+        [_axis_values([row["params"].get(k) for row in rows]) for k in keys]
+        + [[_number(row.get(objective)) for row in rows]],
+        float,
+    ).T  # (trials, columns)
+    low, high = np.nanmin(table, axis=0), np.nanmax(table, axis=0)
+    scaled = (table - low) / np.where(high > low, high - low, 1.0)
+    score = table[:, -1]
+    finite = np.isfinite(score)
+    span = (np.nanmin(score), np.nanmax(score)) if finite.any() else (0.0, 1.0)
+    colors = plt.get_cmap("viridis")
+    figure, axis = plt.subplots(figsize=(1.6 * len(columns) + 2, 4))
+    for line, value in zip(scaled, score, strict=True):
+        shade = 0.0 if not np.isfinite(value) else (value - span[0]) / max(span[1] - span[0], 1e-12)
+        axis.plot(range(len(columns)), line, color=colors(shade), alpha=0.8, marker="o")
+    axis.set_xticks(range(len(columns)))
+    axis.set_xticklabels(
+        [f"{c}\n[{lo:.3g}, {hi:.3g}]" for c, lo, hi in zip(columns, low, high, strict=True)],
+        fontsize=8,
+    )
+    axis.set_yticks([])
+    axis.set_title(f"raysseg tune: searched values, colour = {objective} (yellow best)")
+    return _save(plt, figure, folder, "parallel_coordinates.png")
+
+
+def _axis_values(values: list[Any]) -> list[float]:
+    """Numbers as they are; other choices (strings, lists) as their rank among the values seen."""
+    if all(np.isfinite(_number(v)) or v is None for v in values):
+        return [_number(v) for v in values]
+    ranks = {text: i for i, text in enumerate(sorted({str(v) for v in values}))}
+    return [float(ranks[str(v)]) for v in values]
+
+
+def _plot_miou_per_stage(plt, rows: list[dict], folder: str) -> str:
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
+    for row in rows:
+        for axis, key in zip(axes, ("val_miou_per_stage", "label_miou_per_stage"), strict=True):
+            values = [100 * _number(v) for v in row.get(key) or []]
+            if values:
+                style = "--" if row["status"] == "stopped" else "-"
+                axis.plot(range(len(values)), values, style, marker="o", label=row["trial"])
+    for axis, title in zip(axes, ("val mIoU after each stage", "pseudo-label mIoU"), strict=True):
+        axis.set_xlabel("stage")
+        axis.set_ylabel("mIoU (%)")
+        axis.set_title(title)
+        axis.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, title="dashed: stopped early")
+    return _save(plt, figure, folder, "miou_per_stage.png")
+
+
+def _plot_pareto(plt, rows: list[dict], objectives: tuple[str, ...], folder: str) -> str:
+    figure, axis = plt.subplots(figsize=(6, 4))
+    x = [_number(row.get(objectives[1])) for row in rows]
+    y = [_number(row.get(objectives[0])) for row in rows]
+    axis.scatter(x, y)
+    for row, xi, yi in zip(rows, x, y, strict=True):
+        axis.annotate(row["trial"], (xi, yi), fontsize=7)
+    axis.set_xlabel(objectives[1])
+    axis.set_ylabel(objectives[0])
+    axis.set_title("raysseg tune: trade-off between the two objectives")
+    axis.grid(alpha=0.3)
+    return _save(plt, figure, folder, "pareto.png")
+
+
+def _save(plt, figure, folder: str, name: str) -> str:
+    path = str(Path(folder) / name)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path

@@ -1,0 +1,154 @@
+"""Search-space parsing and the results helpers of tuning campaigns (pure: no Ray)."""
+
+from __future__ import annotations
+
+import pytest
+
+from raysseg.config import Config, ConfigError
+from raysseg.tune_space import (
+    Param,
+    TuneSettings,
+    best_config,
+    best_trial,
+    format_results,
+    load_space,
+    pareto_front,
+    parse_param,
+    parse_space,
+    step_gpus,
+    trial_config,
+)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ([1, 5], Param("k", "int", 1, 5)),
+        ([0.1, 2], Param("k", "float", 0.1, 2.0)),
+        ("uniform(0.05, 0.5)", Param("k", "float", 0.05, 0.5)),
+        ("loguniform(1e-4, 1e-2)", Param("k", "float", 1e-4, 1e-2, log=True)),
+        ("int(2, 8)", Param("k", "int", 2, 8)),
+        ("choice([max, mean])", Param("k", "choice", choices=("max", "mean"))),
+        ("choice([[1.0], [0.5, 1.0]])", Param("k", "choice", choices=([1.0], [0.5, 1.0]))),
+    ],
+)
+def test_space_syntax(value, expected) -> None:
+    assert parse_param("k", value) == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ([5, 1], "need low < high"),
+        ([1, 2, 3], "two numbers"),
+        ("loguniform(0, 1)", "low > 0"),
+        ("int(1.5, 3)", "whole numbers"),
+        ("normal(0, 1)", "not a range"),
+        ("choice([])", "at least one"),
+        (3, "not a range"),
+    ],
+)
+def test_bad_ranges_name_key_and_value(value, message) -> None:
+    with pytest.raises(ConfigError, match=message) as error:
+        parse_param("loss.w_sal", value)
+    assert "loss.w_sal" in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("space", "message"),
+    [
+        ({"loss.w_sall": [0.1, 1.0]}, "loss.w_sall"),  # unknown key
+        ({"labels.cam_threshold": [0.1, 1.5]}, r"labels\.cam_threshold.*1\.5"),  # outside [0, 1]
+        ({"stages.count": [0.5, 3.5]}, r"stages\.count.*takes ints"),
+        ({"eval.fuse": [1, 2]}, r"eval\.fuse.*choice"),  # a range on a string key
+        ({"eval.fuse": "choice([max, median])"}, "median"),
+        ({"run_dir": "choice([a, b])"}, "run_dir"),
+    ],
+)
+def test_space_keys_are_checked_against_the_config(space, message) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_space(space, {}, Config())
+
+
+@pytest.mark.parametrize(
+    ("tune", "message"),
+    [
+        ({"objectives": ["val_miou", "speed"]}, "tune.objectives"),
+        ({"scheduler": "pbt"}, "tune.scheduler"),
+        ({"max_concurrent": 0}, "tune.max_concurrent"),
+        ({"trial_overrides": {"optim.epochz": 1}}, "optim.epochz"),
+        ({"trial_overrides": {"loss.w_sal": 1.0}}, "also searched"),
+        ({"start_points": [{"loss.w_sal": 50.0}]}, r"loss\.w_sal=50\.0 is outside"),
+        ({"start_points": [{"loss.w_cls": 1.0}]}, "not a searched key"),
+        ({"max_trials": 3}, "tune.max_trials"),
+    ],
+)
+def test_tune_settings_are_checked(tune, message) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_space({"loss.w_sal": "loguniform(0.1, 10)"}, tune, Config())
+
+
+def test_space_file_errors_name_the_file(tmp_path) -> None:
+    path = tmp_path / "space.yaml"
+    path.write_text("space:\n  optim.lr: [0.1, 0.01]\n")
+    with pytest.raises(ConfigError, match=rf"{path.name}.*optim\.lr"):
+        load_space(path, Config())
+    path.write_text("spaces:\n  optim.lr: [0.01, 0.1]\n")
+    with pytest.raises(ConfigError, match="spaces"):
+        load_space(path, Config())
+
+
+def test_shipped_space_file_loads_and_shortens_trials() -> None:
+    space = load_space("jobs/tune_space.yaml", Config())
+    keys = set(space.keys)
+    assert {"stages.count", "loss.w_sal", "labels.cam_threshold", "labels.sal_threshold"} <= keys
+    assert "optim.lr" in keys
+    assert space.max_stages(Config()) >= 2
+    trial = trial_config(Config(), {"loss.w_sal": 2.0}, space.settings, "runs/t/trials/trial_0000")
+    assert trial.loss.w_sal == 2.0 and trial.run_dir.endswith("trial_0000")
+    assert trial.optim.epochs < Config().optim.epochs  # shortened
+    full = best_config(Config(), {"loss.w_sal": 2.0}, "runs/t/best_run")
+    assert full.optim.epochs == Config().optim.epochs and full.loss.w_sal == 2.0
+
+
+def test_step_gpus_counts_fractional_gpus() -> None:
+    from raysseg.config import with_overrides
+
+    config = with_overrides(
+        Config(),
+        {
+            "resources.use_gpu": True,
+            "resources.num_workers": 2,
+            "resources.gpus_per_worker": 0.5,
+            "resources.refine_actors": 3,
+            "resources.refine_gpus_per_actor": 0.25,
+        },
+    )
+    assert step_gpus(config, "stage_1/train") == 1.0
+    assert step_gpus(config, "stage_1/refine") == 0.75
+    assert step_gpus(config, "manifest") == 0.0
+    assert step_gpus(Config(), "warmup") == 0.0  # CPU config
+
+
+def _row(name: str, miou: float | None, hours: float, status: str = "completed") -> dict:
+    return {
+        "trial": name,
+        "status": status,
+        "stages_done": 2,
+        "stages_planned": 2,
+        "val_miou": miou,
+        "label_miou": 0.3,
+        "gpu_hours": hours,
+        "params": {"loss.w_sal": 1.0},
+    }
+
+
+def test_best_and_pareto_front() -> None:
+    rows = [_row("a", 0.5, 2.0), _row("b", 0.6, 3.0), _row("c", 0.4, 3.5), _row("d", None, 0.1)]
+    single = TuneSettings()
+    assert best_trial(rows, single)["trial"] == "b"
+    two = TuneSettings(objectives=("val_miou", "gpu_hours"))
+    assert {row["trial"] for row in pareto_front(rows, two)} == {"a", "b"}
+    assert best_trial([_row("x", None, 1.0, "error")], single) is None
+    table = format_results(rows, ("loss.w_sal",))
+    assert "60.00" in table and table.count("\n") == len(rows)
