@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import posixpath
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 
 import pyarrow.fs as pafs
@@ -51,44 +51,54 @@ def verify_run(run_dir: str, tally: Counter | None = None) -> Iterator[Problem]:
             config = config_from_yaml_text(io.read_bytes(config_path).decode("utf-8"), config_path)
         except (ConfigError, UnicodeDecodeError) as error:
             yield Problem(config_path, f"cannot be parsed ({error})")
-    files = list(_walk_files(run_dir))
-    yield from _check_temp_files(files)
-    markers = yield from _check_markers(files, tally)
+    markers, seg_files = yield from _survey_files(run_dir, tally)
     yield from _check_checkpoints(run_dir, config, tally)
     stage = 0
     while io.exists(layout.stage_dir(run_dir, stage)):
-        yield from _check_stage_labels(run_dir, stage, config, markers, files, tally)
+        yield from _check_stage_labels(run_dir, stage, config, markers, seg_files[stage], tally)
         stage += 1
 
 
-def _walk_files(run_dir: str) -> Iterator[str]:
-    """Every file under `run_dir` (URIs keep their scheme), for the temp-file and label counts."""
+def _walk_files(run_dir: str) -> Iterator[tuple[str, list[str]]]:
+    """(URI, path parts relative to `run_dir`) of every file under it, one at a time."""
     filesystem, root = io.resolve(run_dir)
     selector = pafs.FileSelector(root, recursive=True, allow_not_found=True)
     for info in filesystem.get_file_info(selector):
         if info.type == pafs.FileType.File:
-            yield io.join(run_dir, posixpath.relpath(info.path, root))
+            relative = posixpath.relpath(info.path, root)
+            yield io.join(run_dir, relative), relative.replace("\\", "/").split("/")
 
 
-def _check_temp_files(files: list[str]) -> Iterator[Problem]:
-    for path in files:
-        parts = path.replace("\\", "/").split("/")
+def _survey_files(
+    run_dir: str, tally: Counter
+) -> Generator[Problem, None, tuple[dict[str, dict], Counter]]:
+    """One pass over the files: temp leftovers, the done markers ({path: result} of the valid
+    ones, returned) and the segmentation PNGs per stage (counted, returned). Nothing per file is
+    kept, so a run of millions of images verifies in bounded memory."""
+    markers: dict[str, dict] = {}
+    seg_files: Counter = Counter()
+    for path, parts in _walk_files(run_dir):
         if any(io.is_temp_name(part) for part in parts):
             yield Problem(path, "left-over temporary file of an interrupted write")
+        elif path.endswith(".DONE"):
+            tally["done markers"] += 1
+            try:
+                markers[path] = json.loads(io.read_bytes(path))
+            except (json.JSONDecodeError, UnicodeDecodeError) as error:
+                yield Problem(path, f"done marker is not valid JSON ({error})")
+        elif _is_seg_label(parts):
+            seg_files[int(parts[0].removeprefix("stage_"))] += 1
+    return markers, seg_files
 
 
-def _check_markers(files: list[str], tally: Counter) -> Iterator[Problem]:
-    """Parse every `<step>.DONE`; returns {path: result} of the valid ones."""
-    markers: dict[str, dict] = {}
-    for path in files:
-        if not path.endswith(".DONE"):
-            continue
-        tally["done markers"] += 1
-        try:
-            markers[path] = json.loads(io.read_bytes(path))
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            yield Problem(path, f"done marker is not valid JSON ({error})")
-    return markers
+def _is_seg_label(parts: list[str]) -> bool:
+    """stage_<k>/labels/seg/<shard>/<id>.png"""
+    return (
+        len(parts) == 5
+        and parts[0].removeprefix("stage_").isdigit()
+        and parts[1:3] == ["labels", "seg"]
+        and parts[4].endswith(".png")
+    )
 
 
 def _check_checkpoints(run_dir: str, config: Config | None, tally: Counter) -> Iterator[Problem]:
@@ -136,7 +146,7 @@ def _check_stage_labels(
     stage: int,
     config: Config | None,
     markers: dict[str, dict],
-    files: list[str],
+    seg_files: int,
     tally: Counter,
 ) -> Iterator[Problem]:
     manifest = layout.stage_manifest(run_dir, stage)
@@ -170,8 +180,7 @@ def _check_stage_labels(
             f"{rows} rows, but {marker_path} counts {marker.get('images')} images - "
             f"{marker.get('errors', 0)} errors = {expected}",
         )
-    seg_root = io.join(layout.stage_labels(run_dir, stage), "seg", "")  # trailing separator
-    seg_files = sum(1 for path in files if path.startswith(seg_root) and path.endswith(".png"))
+    seg_root = io.join(layout.stage_labels(run_dir, stage), "seg")
     if seg_files != rows:
         yield Problem(seg_root, f"{seg_files} segmentation label files for {rows} manifest rows")
 
