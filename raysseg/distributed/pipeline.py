@@ -44,7 +44,7 @@ def run_pipeline(
     prepare_run_dir(config)
     steps = plan_steps(config, full_supervision)
     for index, step in enumerate(steps, start=1):
-        _run_step(config, step, f"[{index}/{len(steps)}]", log)
+        run_step(config, step, f"[{index}/{len(steps)}]", log)
     summary = summarize(config)
     io.write_bytes_atomic(
         layout.join(config.run_dir, "metrics.json"), json.dumps(summary, indent=2).encode()
@@ -65,10 +65,10 @@ def run_single_step(config: Config, step: str, log: Callable[[str], None] = prin
     missing = [s.name for s in steps[:position] if not is_done(config.run_dir, s.name)]
     if missing:
         raise RuntimeError(f"step '{step}' needs these steps first: {', '.join(missing)}")
-    return _run_step(config, steps[position], "[1/1]", log)
+    return run_step(config, steps[position], "[1/1]", log)
 
 
-def _run_step(config: Config, step: Step, counter: str, log: Callable[[str], None]) -> dict:
+def run_step(config: Config, step: Step, counter: str, log: Callable[[str], None]) -> dict:
     marker = _marker(config.run_dir, step.name)
     if io.exists(marker):
         log(f"{counter} {step.name}: done earlier, skipped")

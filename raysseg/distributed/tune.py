@@ -38,15 +38,14 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from raysseg import layout
-from raysseg.config import Config, ConfigError, dump_yaml, to_flat_dict
+from raysseg.config import RESUMABLE_KEYS, Config, ConfigError, dump_yaml, to_flat_dict
 from raysseg.data import io
 from raysseg.distributed.pipeline import (
-    RESUMABLE_KEYS,
-    _run_step,
     is_done,
     plan_steps,
     prepare_run_dir,
     read_result,
+    run_step,
 )
 from raysseg.report import plot_campaign
 from raysseg.tune_space import (
@@ -383,7 +382,7 @@ def run_trial(trial: dict[str, Any], base: Config, settings: TuneSettings, campa
         steps = [step for step in steps if step.name != "final"]
     last_refine = f"stage_{config.stages.count - 1}/refine"
     for index, step in enumerate(steps, start=1):
-        _run_step(config, step, f"[{name} {index}/{len(steps)}]", print)
+        run_step(config, step, f"[{name} {index}/{len(steps)}]", print)
         stage_ended = step.name.endswith("/refine")
         if step.name == "final" or (
             stage_ended and not (settings.final_eval and step.name == last_refine)
