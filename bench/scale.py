@@ -188,7 +188,7 @@ def _child(args: argparse.Namespace) -> None:
         "errors": summary["errors"],
         "driver_update_peak_mib": sampler.stop(),
         "driver_life_peak_mib": _peak_rss_mib(),
-        "worker_peak_mib": summary["worker_peak_rss_mb"],
+        "worker_peak_mib": summary["worker_peak_private_mb"],
         "fullest_shard_folder": _fullest_shard_folder(run / "labels" / "seg"),
     }
     (folder / "result.json").write_text(json.dumps(result, indent=2))

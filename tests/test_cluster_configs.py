@@ -20,9 +20,12 @@ import yaml
 
 from raysseg.cli import build_parser
 from raysseg.config import load_config
+from raysseg.tune_space import load_space
 
 REPO = Path(__file__).resolve().parents[1]
-JOB_CONFIGS = sorted(p for p in (REPO / "jobs").glob("*.yaml") if p.name != "runtime_env.yaml")
+# Run configs; runtime_env.yaml is Ray's, tune_space.yaml a search space (checked below).
+NOT_RUN_CONFIGS = ("runtime_env.yaml", "tune_space.yaml")
+JOB_CONFIGS = sorted(p for p in (REPO / "jobs").glob("*.yaml") if p.name not in NOT_RUN_CONFIGS)
 LAUNCHER_YAMLS = [REPO / "cluster" / "aws.yaml", REPO / "cluster" / "gcp.yaml"]
 KUBERAY_MANIFESTS = sorted((REPO / "cluster" / "kuberay").glob("*.yaml"))
 # KubeRay's CRDs (commit feeaf72f, v1.7.0-rc.0+5) live in ../shared/kuberay-crds beside every checkout,
@@ -66,6 +69,12 @@ def _check_entrypoint(command: str) -> None:
 @pytest.mark.parametrize("path", JOB_CONFIGS, ids=lambda p: p.name)
 def test_job_configs_load(path: Path) -> None:
     load_config(path)
+
+
+def test_the_shipped_tune_space_loads_against_every_job_config() -> None:
+    for path in JOB_CONFIGS:
+        space = load_space(REPO / "jobs" / "tune_space.yaml", load_config(path))
+        assert space.params, path.name
 
 
 def test_paper_and_coco_configs_have_their_class_counts() -> None:
