@@ -24,6 +24,7 @@ import ray
 import ray.data
 import torch
 from ray.data.expressions import col
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from raysseg import layout
 from raysseg.config import IGNORE_INDEX, Config, ResourcesConfig, from_dict, to_dict
@@ -84,7 +85,7 @@ def update_labels(
     # them (local filesystems only; this lists the stage's shards once).
     io.remove_temp_files(labels_root)
     io.remove_temp_files(saliency_cache)
-    progress = ProgressCounter.remote()
+    progress = _start_progress_counter()
     if mode != "ground_truth":
         dataset = dataset.map_batches(
             LabelInference,
@@ -189,6 +190,22 @@ class ProgressCounter:
         }
 
 
+def _start_progress_counter() -> Any:
+    """The counter lives on the driver's node: a worker node lost mid-update (which Ray Data
+    survives) must not take the progress display with it."""
+    here = ray.get_runtime_context().get_node_id()
+    placement = NodeAffinitySchedulingStrategy(node_id=here, soft=True)
+    return ProgressCounter.options(scheduling_strategy=placement).remote()
+
+
+def _snapshot(progress: Any) -> dict[str, float]:
+    """The counter's totals, or {} if it is gone: progress is for display, never fatal."""
+    try:
+        return ray.get(progress.snapshot.remote(), timeout=30)
+    except (ray.exceptions.RayError, TimeoutError):
+        return {}
+
+
 def private_memory_mb() -> float:
     """This process's private resident memory now (RssAnon, Linux), in MiB.
 
@@ -226,7 +243,9 @@ def _run_with_progress(
     thread.start()
     while thread.is_alive():
         thread.join(timeout=interval)
-        snapshot = ray.get(progress.snapshot.remote())
+        snapshot = _snapshot(progress)
+        if not snapshot:
+            continue
         meter.update(min(int(snapshot["done"]), meter.total), int(snapshot["errors"]))
         if thread.is_alive() or "failure" not in outcome:
             log(meter.line())

@@ -63,17 +63,26 @@ from raysseg.tune_space import (
 )
 
 STUDY_NAME = "raysseg"
+
+
+def print_line(line: str) -> None:
+    """The default log: a module function, so Tune can pickle the callbacks that hold it (the
+    builtin `print` cannot be pickled once a library has patched it, as Ray Train does)."""
+    print(line, flush=True)
+
+
 RESULTS_FILE = "results.parquet"
 
 
 def run_campaign(
-    base: Config, space: TuneSpace, trials: int, log: Callable[[str], None] = print
+    base: Config, space: TuneSpace, trials: int, log: Callable[[str], None] | None = None
 ) -> dict[str, Any]:
     """Run (or resume) a campaign until `trials` trials are finished; write the table, best.yaml, plots."""
     campaign = _campaign_dir(base)
     check_campaign(campaign, base, space)
     rows = read_results(campaign)
     remaining = trials - len(rows)
+    log = log or print_line
     log(f"campaign {campaign}: {len(rows)} trial(s) finished earlier, {max(0, remaining)} to run")
     if remaining > 0:
         _run_trials(base, space, campaign, rows, remaining, log)
@@ -382,7 +391,7 @@ def run_trial(trial: dict[str, Any], base: Config, settings: TuneSettings, campa
         steps = [step for step in steps if step.name != "final"]
     last_refine = f"stage_{config.stages.count - 1}/refine"
     for index, step in enumerate(steps, start=1):
-        run_step(config, step, f"[{name} {index}/{len(steps)}]", print)
+        run_step(config, step, f"[{name} {index}/{len(steps)}]", print_line)
         stage_ended = step.name.endswith("/refine")
         if step.name == "final" or (
             stage_ended and not (settings.final_eval and step.name == last_refine)
