@@ -163,7 +163,8 @@ def _child(args: argparse.Namespace) -> None:
         }
     )
     checkpoint = _common.write_checkpoint(config, folder / "checkpoint.pt")
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    # address="local": a new instance even when another Ray runs on this machine.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
     sampler = _RssSampler()
     started = time.perf_counter()
     summary = update_labels(

@@ -121,9 +121,7 @@ def update_labels(
     )
     summary = _split_outputs(staging, out_manifest, errors_path)
     summary["seconds"] = time.perf_counter() - started
-    summary["worker_peak_private_mb"] = ray.get(progress.snapshot.remote())[
-        "worker_peak_private_mb"
-    ]
+    summary["worker_peak_private_mb"] = _snapshot(progress).get("worker_peak_private_mb", math.nan)
     budget = resources.error_budget * max(1, summary["images"])
     if summary["errors"] > budget:
         raise RuntimeError(

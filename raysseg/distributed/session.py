@@ -22,9 +22,10 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
     joining = address is not None or "RAY_ADDRESS" in os.environ
     kwargs: dict = {"address": address, "log_to_driver": True}
     if not joining:
-        # A local instance. Its dashboard stays on: Ray Train's placement-group cleaner polls the
+        # A new local instance, even when another Ray runs on this machine (address=None would
+        # join that one). Its dashboard stays on: Ray Train's placement-group cleaner polls the
         # state API it serves, and warns every few seconds without it.
-        kwargs["num_cpus"] = num_cpus
+        kwargs.update(address="local", num_cpus=num_cpus)
     ray.init(**kwargs)
     try:
         yield
