@@ -52,11 +52,10 @@ def verify_run(run_dir: str, tally: Counter | None = None) -> Iterator[Problem]:
         except (ConfigError, UnicodeDecodeError) as error:
             yield Problem(config_path, f"cannot be parsed ({error})")
     markers, seg_files = yield from _survey_files(run_dir, tally)
-    yield from _check_checkpoints(run_dir, config, tally)
-    stage = 0
-    while io.exists(layout.stage_dir(run_dir, stage)):
+    stages = _stage_count(run_dir)
+    yield from _check_checkpoints(run_dir, config, stages, tally)
+    for stage in range(stages):
         yield from _check_stage_labels(run_dir, stage, config, markers, seg_files[stage], tally)
-        stage += 1
 
 
 def _walk_files(run_dir: str) -> Iterator[tuple[str, list[str]]]:
@@ -101,8 +100,10 @@ def _is_seg_label(parts: list[str]) -> bool:
     )
 
 
-def _check_checkpoints(run_dir: str, config: Config | None, tally: Counter) -> Iterator[Problem]:
-    names = ["warmup"] + [f"stage_{k}" for k in range(_stage_count(run_dir))]
+def _check_checkpoints(
+    run_dir: str, config: Config | None, stages: int, tally: Counter
+) -> Iterator[Problem]:
+    names = ["warmup"] + [f"stage_{k}" for k in range(stages)]
     for name in names:
         path = layout.final_checkpoint(run_dir, name)
         if not io.exists(path):
