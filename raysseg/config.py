@@ -125,6 +125,10 @@ class ResourcesConfig:
     refine_cpus_per_actor: float = 1.0
     refine_gpus_per_actor: float = 0.0
     crf_cpus: float = 1.0  # CPUs per CRF/fusion task
+    # Where the label update's CRF + fusion + PNG writes run: "tasks" (separate CPU tasks, so GPU
+    # actors never wait on CRFs), "actors" (inside the inference actors: no hand-off between
+    # processes) or "auto" (actors when they have no GPU and no crf_custom pins the CRFs elsewhere).
+    crf_placement: str = "auto"
     # Custom Ray resources, "name=amount,name=amount" (e.g. "crf_node=0.01"): pin each kind of work to
     # the nodes that advertise the resource, so CPU-bound CRFs never occupy GPU nodes.
     train_custom: str = ""  # per Ray Train worker
@@ -171,6 +175,7 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "data.source": ("voc", "coco", "folder"),
     "data.saliency": ("folder", "u2netp", "spectral"),
     "eval.fuse": ("max", "mean"),
+    "resources.crf_placement": ("auto", "tasks", "actors"),
 }
 _UNIT_INTERVAL = (
     "labels.cam_threshold",

@@ -43,7 +43,7 @@ def test_label_update_bench_and_coco_projection(tmp_path) -> None:
     # One worker keeps the smoke test short; the 2-worker case is the documented full run.
     out = _run("label_update.py", "--out", str(tmp_path), "--workers", "1", timeout=300)
     assert "serial images/s" in out and "ray steady images/s" in out
-    assert "ray with 1 worker(s) / serial loop on 1 core" in out
+    assert "ray with 1 worker(s), crf_placement auto / serial loop on 1 core" in out
     projection = _run("coco_projection.py", "--from-json", str(tmp_path / "label_update.json"))
     assert "core-h / update" in projection and "not measured" in projection
 

@@ -24,13 +24,12 @@ import pytest
 import ray
 import torch
 from ray.cluster_utils import Cluster
-from ray_helpers import tiny_config
+from ray_helpers import tiny_config, update_stage_labels
 from test_job_submit import _processes_under, _start_head, _stop_head, _tiny_job_config
 
 from raysseg import layout
 from raysseg.data.records import read_manifest, voc_records, write_manifest
 from raysseg.data.synth import generate_synthetic
-from raysseg.distributed.refine import update_labels
 from raysseg.distributed.train import StageSpec, train_stage
 from raysseg.engine.checkpoint import load_checkpoint, save_checkpoint
 from raysseg.model.network import build_model
@@ -324,15 +323,8 @@ def test_worker_node_removed_during_label_update_job_completes(three_nodes, tmp_
         removed.extend([workers[0].node_id, time.monotonic(), labelled_before])
 
     threading.Thread(target=remove_a_node, daemon=True).start()
-    summary = update_labels(
-        config,
-        mode="initial",
-        checkpoint=str(checkpoint),
-        in_manifest=manifest,
-        labels_root=layout.stage_labels(config.run_dir, 0),
-        out_manifest=layout.stage_manifest(config.run_dir, 0),
-        errors_path=layout.stage_errors(config.run_dir, 0),
-        saliency_cache=layout.saliency_cache(config.run_dir),
+    summary = update_stage_labels(
+        config, 0, mode="initial", checkpoint=str(checkpoint), in_manifest=manifest
     )
     finished_at = time.monotonic()
     assert removed, "the node was not removed before the label update finished"

@@ -9,7 +9,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import ray
-from ray_helpers import tiny_config
+from ray_helpers import tiny_config, update_stage_labels
 
 from raysseg import layout
 from raysseg.data import io
@@ -151,10 +151,15 @@ def test_pipeline_end_to_end_then_resume(local_ray, tiny_data, tmp_path) -> None
 
 def test_evaluate_command_prints_a_per_class_table(local_ray, tiny_data, tmp_path, capsys):
     from raysseg.cli import main
+    from raysseg.engine.checkpoint import save_checkpoint
+    from raysseg.model.network import build_model
 
+    # The command's own work (val manifest in, table out); the weights need no training for that.
     config = tiny_config(tiny_data, tmp_path / "run", "stages.count=1")
-    run_pipeline(config, log=lambda line: None)
-    checkpoint = Path(config.run_dir, "stage_0", "checkpoint", "checkpoint.pt")
+    val_manifest = layout.dataset_manifest(config.run_dir, "val")
+    write_manifest(voc_records(str(tiny_data), "val"), val_manifest)
+    checkpoint = tmp_path / "model.pt"
+    save_checkpoint(checkpoint, build_model(config.model))
     overrides = [f"{key}={value}" for key, value in _flat_overrides(config).items()]
     assert main(["evaluate", "--checkpoint", str(checkpoint), "--single-scale", *overrides]) == 0
     out = capsys.readouterr().out
@@ -218,3 +223,36 @@ def test_a_broken_image_is_recorded_not_fatal_within_the_budget(local_ray, tmp_p
     shutil.copy(data / "JPEGImages" / "train_000004.jpg", data / "JPEGImages" / "train_000003.jpg")
     rerun = update(strict, 1)
     assert rerun["written"] == 1 and rerun["skipped"] == 9 and rerun["errors"] == 0
+
+
+def test_crf_in_the_actors_or_in_tasks_writes_the_same_labels(local_ray, tiny_data, tmp_path):
+    import torch
+
+    from raysseg.distributed.refine import crf_in_actors
+    from raysseg.engine.checkpoint import save_checkpoint
+    from raysseg.model.network import build_model
+
+    base = tiny_config(tiny_data, tmp_path / "base")
+    torch.manual_seed(0)
+    checkpoint = tmp_path / "model.pt"
+    save_checkpoint(checkpoint, build_model(base.model))
+    manifest = _train_manifest(base, tiny_data)
+    labels = {}
+    for placement in ("actors", "tasks"):
+        config = tiny_config(
+            tiny_data, tmp_path / placement, f"resources.crf_placement={placement}"
+        )
+        summary = update_stage_labels(
+            config, 1, mode="refine", checkpoint=str(checkpoint), in_manifest=manifest
+        )
+        assert summary["written"] == 16 and summary["errors"] == 0
+        root = Path(layout.stage_labels(config.run_dir, 1))
+        labels[placement] = {p.relative_to(root): p.read_bytes() for p in root.rglob("*.png")}
+    assert len(labels["actors"]) == 32  # a seg and a sal PNG per image
+    assert labels["actors"] == labels["tasks"]
+
+    # "auto": in the actors on CPU, in tasks beside GPU actors or when CRFs are pinned elsewhere.
+    assert crf_in_actors(base.resources)
+    gpu = tiny_config(tiny_data, tmp_path / "gpu", "resources.refine_gpus_per_actor=1")
+    pinned = tiny_config(tiny_data, tmp_path / "pin", "resources.crf_custom=crf_node=0.01")
+    assert not crf_in_actors(gpu.resources) and not crf_in_actors(pinned.resources)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -15,6 +16,7 @@ import ray
 import yaml
 from ray_helpers import tiny_config
 
+from raysseg import layout
 from raysseg.config import load_config, to_flat_dict
 from raysseg.data.synth import generate_synthetic
 from raysseg.distributed.tune import open_study, read_results, run_campaign
@@ -113,6 +115,16 @@ def test_campaign_of_four_trials_table_best_yaml_and_early_stopping(tiny_data, t
     for row in rows:
         if row["status"] == "completed":
             assert row["stages_done"] == row["stages_planned"]
+
+    # One warm-up trained for the campaign: the space holds no key the warm-up reads.
+    shared = [p for p in (campaign / "shared").iterdir() if p.is_dir()]
+    assert len(shared) == 1
+    shared_weights = Path(layout.final_checkpoint(str(shared[0]), "warmup")).read_bytes()
+    for row in rows:
+        run = str(campaign / "trials" / row["trial"])
+        marker = json.loads(Path(layout.step_marker(run, "warmup")).read_text())
+        assert marker["shared"] == str(shared[0])
+        assert Path(layout.final_checkpoint(run, "warmup")).read_bytes() == shared_weights
 
     # The best config: the full base pipeline with the best trial's values, loadable as it is.
     best = max(rows, key=lambda r: r["label_miou"])

@@ -152,3 +152,31 @@ def test_best_and_pareto_front() -> None:
     assert best_trial([_row("x", None, 1.0, "error")], single) is None
     table = format_results(rows, ("loss.w_sal",))
     assert "60.00" in table and table.count("\n") == len(rows)
+
+
+def test_trials_share_a_warmup_only_when_its_settings_match() -> None:
+    from raysseg.distributed.tune import warmup_config  # imports Ray Tune; starts nothing
+
+    base = Config()
+    settings = TuneSettings(trial_overrides={"stages.count": 1})
+
+    def folder(**params) -> str:
+        return warmup_config(base, params, settings, "/campaign").run_dir
+
+    same = folder(**{"labels.cam_threshold": 0.1, "loss.w_sal": 1.0, "stages.count": 2})
+    assert same.startswith("/campaign/shared/warmup_")
+    # Keys the warm-up never reads: the same folder.
+    assert folder(**{"labels.cam_threshold": 0.3, "loss.w_seg": 2.0, "eval.fuse": "mean"}) == same
+    # Keys it does read (its optimiser, the classification weight, the data): another folder each.
+    others = {
+        folder(**{"optim.warmup_lr": 0.02}),
+        folder(**{"loss.w_cls": 0.5}),
+        folder(**{"data.crop_size": 256}),
+    }
+    assert len(others) == 3 and same not in others
+    # The shared config holds the warm-up values and the base's values elsewhere.
+    shared = warmup_config(
+        base, {"optim.warmup_lr": 0.02, "labels.cam_threshold": 0.3}, settings, "/c"
+    )
+    assert shared.optim.warmup_lr == 0.02
+    assert shared.labels.cam_threshold == base.labels.cam_threshold

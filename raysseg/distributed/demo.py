@@ -56,7 +56,9 @@ def demo_config(out_dir: str, quick: bool = False, extra: dict[str, Any] | None 
         "eval.scales": [0.75, 1.0, 1.25],
         "resources.num_workers": 1,
         "resources.cpus_per_worker": 1,
-        "resources.refine_actors": 1,
+        # Two CPU actors, each running inference and the CRF (crf_placement auto): both cores
+        # label images; Ray is started with at least 4 logical CPUs, so reads and writes still run.
+        "resources.refine_actors": 2,
         "resources.refine_batch_size": 16,
         "resources.refine_cpus_per_actor": 1,
         "resources.crf_cpus": 1,

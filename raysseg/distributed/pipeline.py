@@ -77,7 +77,7 @@ def run_step(config: Config, step: Step, counter: str, log: Callable[[str], None
     started = time.perf_counter()
     result = step.run()
     result["seconds"] = round(time.perf_counter() - started, 2)
-    io.write_bytes_atomic(marker, json.dumps(result, indent=2, default=float).encode())
+    write_result(config.run_dir, step.name, result)
     log(f"{counter} {step.name}: finished in {result['seconds']:.1f} s {_brief(result)}")
     return result
 
@@ -92,6 +92,13 @@ def _brief(result: dict[str, Any]) -> str:
 
 def _marker(run_dir: str, step: str) -> str:
     return layout.step_marker(run_dir, step)
+
+
+def write_result(run_dir: str, step: str, result: dict[str, Any]) -> None:
+    """The step's done marker: its results, written last and atomically."""
+    io.write_bytes_atomic(
+        _marker(run_dir, step), json.dumps(result, indent=2, default=float).encode()
+    )
 
 
 def is_done(run_dir: str, step: str) -> bool:
@@ -156,7 +163,7 @@ def plan_steps(config: Config, full_supervision: bool) -> list[Step]:
         steps.append(
             Step(
                 "stage_0/labels",
-                lambda: _labels_step(config, 0, "initial", _checkpoint(run, "warmup")),
+                lambda: _labels_step(config, 0, "initial", step_checkpoint(run, "warmup")),
             )
         )
     for stage in range(config.stages.count):
@@ -177,7 +184,7 @@ def plan_steps(config: Config, full_supervision: bool) -> list[Step]:
                         config,
                         stage + 1,
                         "refine",
-                        _checkpoint(run, f"stage_{stage}/train"),
+                        step_checkpoint(run, f"stage_{stage}/train"),
                     ),
                 )
             )
@@ -191,13 +198,13 @@ def _bind(function: Callable[..., dict], *args: Any) -> Callable[[], dict]:
     return lambda: function(*args)
 
 
-def _checkpoint(run_dir: str, step: str) -> str:
+def step_checkpoint(run_dir: str, step: str) -> str:
     """Where a training step leaves its final weights (known before the step runs)."""
     return layout.final_checkpoint(run_dir, step.split("/")[0])
 
 
 def _previous_checkpoint(run_dir: str, stage: int) -> str:
-    return _checkpoint(run_dir, "warmup" if stage == 0 else f"stage_{stage - 1}/train")
+    return step_checkpoint(run_dir, "warmup" if stage == 0 else f"stage_{stage - 1}/train")
 
 
 def build_manifests(config: Config) -> dict[str, Any]:
@@ -256,7 +263,7 @@ def _train_step(config: Config, name: str, mode: str, init: str, label_stage: in
         storage_path=layout.join(run, name, "train"),
     )
     result = train_stage(config, spec)
-    final = _checkpoint(run, f"{name}/train")
+    final = step_checkpoint(run, f"{name}/train")
     io.copy_file(result["checkpoint"], final)
     metrics = {k: v for k, v in result["metrics"].items() if isinstance(v, (int, float))}
     return {"checkpoint": final, **metrics}
@@ -294,7 +301,7 @@ def _final_step(config: Config, last_train_step: str) -> dict:
     if not io.exists(val_manifest):
         return {"miou": float("nan"), "note": "no validation ground truth"}
     result = evaluate_checkpoint(
-        config, _checkpoint(config.run_dir, last_train_step), multiscale=True, crf=True
+        config, step_checkpoint(config.run_dir, last_train_step), multiscale=True, crf=True
     )
     return {"miou": result["miou"], "iou": result["iou"], "table": result["table"]}
 

@@ -76,7 +76,8 @@ def update_labels(
     started = time.perf_counter()
     resources = config.resources
     config_dict = to_dict(config)
-    require_custom_resources(resources, ["crf"] if mode == "ground_truth" else ["refine", "crf"])
+    fused = mode != "ground_truth" and crf_in_actors(resources)
+    require_custom_resources(resources, _placed_kinds(mode, fused))
     dataset, total = read_manifest_dataset(in_manifest, resources.refine_actors)
     if total == 0:
         write_manifest([], out_manifest)
@@ -95,23 +96,26 @@ def update_labels(
                 "mode": mode,
                 "labels_root": labels_root,
                 "progress": progress,
+                # Fused: the actor finishes each image itself (no hand-off to CRF tasks).
+                "saliency_cache": saliency_cache if fused else None,
             },
             **inference_pool_options(resources),
         )
-    dataset = dataset.map_batches(
-        finalize_batch,
-        fn_kwargs={
-            "config_dict": config_dict,
-            "mode": mode,
-            "labels_root": labels_root,
-            "saliency_cache": saliency_cache,
-            "progress": progress,
-        },
-        batch_size=resources.refine_batch_size,
-        num_cpus=resources.crf_cpus,
-        resources=custom_resources(resources, "crf"),
-        batch_format="pandas",
-    )
+    if not fused:
+        dataset = dataset.map_batches(
+            finalize_batch,
+            fn_kwargs={
+                "config_dict": config_dict,
+                "mode": mode,
+                "labels_root": labels_root,
+                "saliency_cache": saliency_cache,
+                "progress": progress,
+            },
+            batch_size=resources.refine_batch_size,
+            num_cpus=resources.crf_cpus,
+            resources=custom_resources(resources, "crf"),
+            batch_format="pandas",
+        )
     # Every output row (URIs + statistics) goes to a staging folder, written by Ray Data in blocks;
     # the driver then counts two columns a batch at a time and splits off the failures.
     staging = f"{out_manifest}.tmp-{time.time_ns()}"
@@ -153,6 +157,26 @@ def read_manifest_dataset(
     return dataset.repartition(target_num_rows_per_block=per_block), rows
 
 
+def crf_in_actors(resources: ResourcesConfig) -> bool:
+    """Whether the label update's CRF + fusion + writes run inside the inference actors.
+
+    "auto" fuses them when the actors have no GPU and no `crf_custom` sends CRFs to other nodes:
+    separate CRF tasks exist so an accelerator never waits on a CPU-bound CRF; on CPU they only add
+    a hand-off (pack, object store, unpack) and a second process per image, measured in
+    BENCHMARKS.md.
+    """
+    if resources.crf_placement != "auto":
+        return resources.crf_placement == "actors"
+    return resources.refine_gpus_per_actor == 0 and not resources.crf_custom
+
+
+def _placed_kinds(mode: str, fused: bool) -> list[str]:
+    """The kinds of work (placement.custom_resources) a label update schedules."""
+    if mode == "ground_truth":
+        return ["crf"]
+    return ["refine"] if fused else ["refine", "crf"]
+
+
 def inference_pool_options(resources: ResourcesConfig) -> dict[str, Any]:
     """map_batches options of a model actor pool (label update and evaluation share them)."""
     return {
@@ -171,6 +195,9 @@ class ProgressCounter:
     twice here, so exact counts come from the written rows)."""
 
     def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
         self.done = 0
         self.errors = 0
         self.worker_peak_private_mb = 0.0
@@ -188,12 +215,28 @@ class ProgressCounter:
         }
 
 
+# One counter per Ray session of this driver, keyed by (driver node, job): a new session (even on a
+# new local cluster, where job ids restart) never reuses a stale handle.
+_COUNTERS: dict[tuple[str, str], Any] = {}
+
+
 def _start_progress_counter() -> Any:
-    """The counter lives on the driver's node: a worker node lost mid-update (which Ray Data
-    survives) must not take the progress display with it."""
-    here = ray.get_runtime_context().get_node_id()
-    placement = NodeAffinitySchedulingStrategy(node_id=here, soft=True)
-    return ProgressCounter.options(scheduling_strategy=placement).remote()
+    """The session's counter, reset; started once per session (an actor costs a worker process,
+    ~1 s of CPU, that every update would pay again). It lives on the driver's node: a worker node
+    lost mid-update (which Ray Data survives) must not take the progress display with it."""
+    context = ray.get_runtime_context()
+    key = (context.get_node_id(), context.get_job_id())
+    counter = _COUNTERS.get(key)
+    if counter is not None:
+        try:
+            ray.get(counter.reset.remote(), timeout=30)
+            return counter
+        except (ray.exceptions.RayError, TimeoutError):
+            pass  # gone: start another
+    placement = NodeAffinitySchedulingStrategy(node_id=key[0], soft=True)
+    _COUNTERS.clear()
+    _COUNTERS[key] = ProgressCounter.options(scheduling_strategy=placement).remote()
+    return _COUNTERS[key]
 
 
 def _snapshot(progress: Any) -> dict[str, float]:
@@ -300,7 +343,12 @@ def _split_outputs(staging: str, out_manifest: str, errors_path: str) -> dict[st
 
 
 class LabelInference:
-    """Actor: the stage checkpoint is loaded once; each batch is decoded once and run at full size."""
+    """Actor: the stage checkpoint is loaded once; each batch is decoded once and run at full size.
+
+    With `saliency_cache` set (fused, see `crf_in_actors`) the actor also runs the CRF, fusion and
+    PNG writes and returns output rows; otherwise it returns the model outputs as one `.npz` payload
+    per row for the `finalize_batch` tasks.
+    """
 
     def __init__(
         self,
@@ -309,11 +357,13 @@ class LabelInference:
         mode: str,
         labels_root: str,
         progress: Any = None,
+        saliency_cache: str | None = None,
     ) -> None:
         self.config = from_dict(config_dict)
         self.progress = progress
         self.mode = mode
         self.labels_root = labels_root
+        self.saliency_cache = saliency_cache
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.device.type == "cpu":
             # One intra-op thread per CPU this actor reserved: with several actors (and CRF tasks)
@@ -326,23 +376,52 @@ class LabelInference:
         self.amp_dtype = resolve_amp_dtype(self.device, self.config.optim.amp, None)
 
     def __call__(self, batch):  # pandas.DataFrame -> pandas.DataFrame
-        payloads, errors = [], []
+        if self.saliency_cache is not None:
+            return self._finish_batch(batch)
+        payloads, errors, done = [], [], []
         for row in batch.itertuples(index=False):
-            payload, error = b"", ""
-            if not _labels_exist(self.labels_root, row.image_id):
-                try:
-                    image = io.read_image(row.image_uri)
-                    payload = pack_arrays(image=image, **self._infer(image, _present(row.labels)))
-                except Exception as failure:  # recorded per image; the error budget decides
-                    error = f"{row.image_uri}: {type(failure).__name__}: {failure}"
-            payloads.append(payload)
+            arrays, error, labels_done = self._infer_row(row.image_id, row.image_uri, row.labels)
+            payloads.append(pack_arrays(**arrays) if arrays else b"")
             errors.append(error)
+            done.append(labels_done)
         if self.progress is not None:  # memory only; images count once, in the CRF step
             self.progress.add.remote(0, 0, private_memory_mb())
         batch = batch.copy()
         batch["payload"] = payloads
         batch["error"] = errors
+        batch["labels_done"] = done
         return batch
+
+    def _finish_batch(self, batch):
+        node_id = ray.get_runtime_context().get_node_id()
+        rows = []
+        for row in batch.to_dict("records"):
+            arrays, error, done = self._infer_row(row["image_id"], row["image_uri"], row["labels"])
+            row["error"] = error
+            rows.append(
+                _finalize_row(
+                    row,
+                    self.config,
+                    self.mode,
+                    self.labels_root,
+                    self.saliency_cache,
+                    arrays=arrays,
+                    done=done,
+                    node_id=node_id,
+                )
+            )
+        _report_progress(self.progress, rows)
+        return _rows_frame(rows)
+
+    def _infer_row(self, image_id: str, image_uri: str, labels: Any) -> tuple[dict, str, bool]:
+        """(decoded image + model outputs, error, labels already done) of one image."""
+        if _labels_exist(self.labels_root, image_id):
+            return {}, "", True
+        try:
+            image = io.read_image(image_uri)
+            return {"image": image, **self._infer(image, _present(labels))}, "", False
+        except Exception as failure:  # recorded per image; the error budget decides
+            return {}, f"{image_uri}: {type(failure).__name__}: {failure}", False
 
     def _infer(self, image: np.ndarray, present: list[int]) -> dict[str, np.ndarray]:
         tensor = normalize(image).to(self.device)
@@ -380,18 +459,45 @@ def finalize_batch(
 ):
     """CPU step: CRF + fusion, atomic PNG writes, statistics; one output row per input row."""
     config = from_dict(config_dict)
+    node_id = ray.get_runtime_context().get_node_id()
     rows = []
     for row in batch.to_dict("records"):
-        rows.append(_finalize_row(row, config, mode, labels_root, saliency_cache))
-    if progress is not None:
-        failed = sum(1 for row in rows if row["error"])
-        progress.add.remote(len(rows), failed, private_memory_mb())
+        arrays = unpack_arrays(row.pop("payload", b"") or b"")
+        done = row.pop("labels_done", None)  # absent in mode ground_truth: no inference step
+        rows.append(
+            _finalize_row(
+                row,
+                config,
+                mode,
+                labels_root,
+                saliency_cache,
+                arrays=arrays,
+                done=None if done is None else bool(done),
+                node_id=node_id,
+            )
+        )
+    _report_progress(progress, rows)
     return _rows_frame(rows)
 
 
+def _report_progress(progress: Any, rows: list[dict[str, Any]]) -> None:
+    if progress is not None:
+        failed = sum(1 for row in rows if row["error"])
+        progress.add.remote(len(rows), failed, private_memory_mb())
+
+
 def _finalize_row(
-    row: dict[str, Any], config: Config, mode: str, labels_root: str, saliency_cache: str
+    row: dict[str, Any],
+    config: Config,
+    mode: str,
+    labels_root: str,
+    saliency_cache: str,
+    *,
+    arrays: dict[str, np.ndarray],
+    done: bool | None,
+    node_id: str,
 ) -> dict[str, Any]:
+    """One output row: the image's labels computed and written unless `done` (None: look)."""
     image_id = row["image_id"]
     seg_uri = layout.label_uri(labels_root, "seg", image_id)
     sal_uri = layout.label_uri(labels_root, "sal", image_id)
@@ -406,17 +512,21 @@ def _finalize_row(
         "error": row.get("error") or "",
         "written": False,
         # Provenance: which node labelled the image (debugging, and proof of spreading in tests).
-        "node_id": ray.get_runtime_context().get_node_id(),
+        "node_id": node_id,
         "ignore_fraction": float("nan"),
         "foreground_fraction": float("nan"),
     }
     if out["error"]:
         return out
     try:
-        if _labels_exist(labels_root, image_id):
+        if done is None:
+            done = _labels_exist(labels_root, image_id)
+        if done:
             seg_label = io.read_label(seg_uri)
         else:
-            seg_label = _compute_and_write(row, config, mode, seg_uri, sal_uri, saliency_cache)
+            seg_label = _compute_and_write(
+                row, arrays, config, mode, seg_uri, sal_uri, saliency_cache
+            )
             out["written"] = True
     except Exception as failure:  # recorded per image; the error budget decides
         out["error"] = f"{row['image_uri']}: {type(failure).__name__}: {failure}"
@@ -427,10 +537,15 @@ def _finalize_row(
 
 
 def _compute_and_write(
-    row: dict[str, Any], config: Config, mode: str, seg_uri: str, sal_uri: str, saliency_cache: str
+    row: dict[str, Any],
+    arrays: dict[str, np.ndarray],
+    config: Config,
+    mode: str,
+    seg_uri: str,
+    sal_uri: str,
+    saliency_cache: str,
 ) -> np.ndarray:
     present = _present(row["labels"])
-    arrays = unpack_arrays(row.get("payload") or b"")
     # The decoded image travels with the model outputs: each image is decoded once per update.
     image = arrays["image"] if "image" in arrays else io.read_image(row["image_uri"])
     if mode == "ground_truth":

@@ -15,6 +15,7 @@ campaign/                        = the base config's run_dir
   results.parquet                one row per finished trial (values, status, per-stage metrics)
   optuna/study.journal           the Optuna study (JournalStorage)
   trials/trial_NNNN/             a pipeline run directory per trial, with trial.json (its values)
+  shared/warmup_<hash>/          a warm-up run shared by every trial with the same warm-up settings
   ray_tune/session_N/            Ray Tune's own folders, one per start of the command
   best.yaml                      the best trial's values on the full (not shortened) base config
   plots/                         objective per trial, parallel coordinates, mIoU per stage (Pareto)
@@ -22,9 +23,13 @@ campaign/                        = the base config's run_dir
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import optuna
@@ -46,6 +51,8 @@ from raysseg.distributed.pipeline import (
     prepare_run_dir,
     read_result,
     run_step,
+    step_checkpoint,
+    write_result,
 )
 from raysseg.report import plot_campaign
 from raysseg.tune_space import (
@@ -386,6 +393,7 @@ def run_trial(trial: dict[str, Any], base: Config, settings: TuneSettings, campa
         layout.join(config.run_dir, "trial.json"),
         json.dumps({"run_name": name, "params": params}, indent=2).encode(),
     )
+    share_warmup(warmup_config(base, params, settings, campaign), config, name)
     steps = plan_steps(config, full_supervision=False)
     if not settings.final_eval:
         steps = [step for step in steps if step.name != "final"]
@@ -397,6 +405,60 @@ def run_trial(trial: dict[str, Any], base: Config, settings: TuneSettings, campa
             stage_ended and not (settings.final_eval and step.name == last_refine)
         ):
             ray.tune.report(stage_metrics(config, step_stage(step.name, config)))
+
+
+# Keys the manifest and warm-up steps never read (the warm-up trains the classifier alone, on image
+# labels): trials that differ only in these train the same warm-up, so they share one.
+WARMUP_FREE_KEYS = ("labels.", "stages.", "eval.", "loss.w_sal", "loss.w_seg")
+
+
+def warmup_config(
+    base: Config, params: dict[str, Any], settings: TuneSettings, campaign: str
+) -> Config:
+    """The config of the warm-up a trial shares: its values of the keys the warm-up reads, in a
+    folder named by their hash (trials with other warm-up values get another folder)."""
+    relevant = {k: v for k, v in params.items() if not k.startswith(WARMUP_FREE_KEYS)}
+    config = trial_config(base, relevant, settings, "")
+    skipped = RESUMABLE_KEYS + WARMUP_FREE_KEYS
+    flat = {k: v for k, v in to_flat_dict(config).items() if not k.startswith(skipped)}
+    digest = hashlib.sha1(json.dumps(flat, sort_keys=True, default=list).encode()).hexdigest()
+    return dataclasses.replace(
+        config, run_dir=layout.join(campaign, "shared", f"warmup_{digest[:12]}")
+    )
+
+
+def share_warmup(shared: Config, trial: Config, name: str) -> None:
+    """Run the warm-up once in `shared.run_dir` (a lock file makes concurrent trials wait for
+    it), then give `trial` a copy of its checkpoint and its done marker.
+
+    The marker keeps the warm-up's seconds: a trial's GPU-hours stay what it would cost alone.
+    """
+    if is_done(trial.run_dir, "warmup"):
+        return
+    with _file_lock(f"{shared.run_dir}.lock"):
+        prepare_run_dir(shared)
+        for step in plan_steps(shared, full_supervision=False):
+            if step.name in ("manifest", "warmup"):
+                run_step(shared, step, f"[{name} shared]", print_line)
+    checkpoint = step_checkpoint(trial.run_dir, "warmup")
+    io.copy_file(step_checkpoint(shared.run_dir, "warmup"), checkpoint)
+    result = read_result(shared.run_dir, "warmup")
+    write_result(
+        trial.run_dir, "warmup", {**result, "checkpoint": checkpoint, "shared": shared.run_dir}
+    )
+
+
+@contextlib.contextmanager
+def _file_lock(path: str) -> Iterator[None]:
+    """An exclusive flock (campaign folders are local or mounted paths; a killed holder's lock
+    is released by the kernel)."""
+    io.makedirs(os.path.dirname(path))
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def step_stage(step: str, config: Config) -> int:
