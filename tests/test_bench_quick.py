@@ -53,3 +53,11 @@ def test_label_update_bench_and_coco_projection(tmp_path) -> None:
 def test_training_bench_prints_images_per_second(tmp_path) -> None:
     out = _run("training.py", "--out", str(tmp_path), "--workers", "1", timeout=300)
     assert "plain torch images/s" in out and "ray train images/s" in out
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_parquet_read_bench_prints_both_readers(tmp_path) -> None:
+    out = _run("parquet_read.py", "--out", str(tmp_path), timeout=240)
+    assert "raysseg read_parquet (V1)" in out and "Ray default (V2)" in out
+    assert "the time per read" in out
