@@ -39,18 +39,3 @@ def tiny_config(data_root: Path, run_dir: Path, *extra: str) -> Config:
             *extra,
         ]
     )
-
-
-def update_stage_labels(config: Config, stage: int, **arguments) -> dict:
-    """`update_labels` into the run directory's stage-`stage` places (as the pipeline's step)."""
-    from raysseg import layout
-    from raysseg.distributed.refine import update_labels
-
-    return update_labels(
-        config,
-        labels_root=layout.stage_labels(config.run_dir, stage),
-        out_manifest=layout.stage_manifest(config.run_dir, stage),
-        errors_path=layout.stage_errors(config.run_dir, stage),
-        saliency_cache=layout.saliency_cache(config.run_dir),
-        **arguments,
-    )

@@ -24,12 +24,13 @@ import pytest
 import ray
 import torch
 from ray.cluster_utils import Cluster
-from ray_helpers import tiny_config, update_stage_labels
+from ray_helpers import tiny_config
 from test_job_submit import _processes_under, _start_head, _stop_head, _tiny_job_config
 
 from raysseg import layout
 from raysseg.data.records import read_manifest, voc_records, write_manifest
 from raysseg.data.synth import generate_synthetic
+from raysseg.distributed.refine import update_stage_labels
 from raysseg.distributed.train import StageSpec, train_stage
 from raysseg.engine.checkpoint import load_checkpoint, save_checkpoint
 from raysseg.model.network import build_model

@@ -9,14 +9,14 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import ray
-from ray_helpers import tiny_config, update_stage_labels
+from ray_helpers import tiny_config
 
 from raysseg import layout
 from raysseg.data import io
 from raysseg.data.records import read_manifest, voc_records, write_manifest
 from raysseg.data.synth import generate_synthetic
 from raysseg.distributed.pipeline import run_pipeline
-from raysseg.distributed.refine import update_labels
+from raysseg.distributed.refine import update_labels, update_stage_labels
 from raysseg.distributed.train import StageSpec, train_stage
 from raysseg.engine.checkpoint import load_checkpoint
 

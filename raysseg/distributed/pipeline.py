@@ -26,7 +26,7 @@ from raysseg.config import (
 from raysseg.data import io
 from raysseg.data.records import Record, coco_records, folder_records, voc_records, write_manifest
 from raysseg.distributed.evaluate import evaluate_checkpoint, label_quality
-from raysseg.distributed.refine import update_labels
+from raysseg.distributed.refine import update_stage_labels
 from raysseg.distributed.train import StageSpec, train_stage
 
 
@@ -276,16 +276,8 @@ def _labels_step(config: Config, stage: int, mode: str, checkpoint: str) -> dict
         if stage == 0
         else layout.stage_manifest(run, stage - 1)
     )
-    summary = update_labels(
-        config,
-        mode=mode,
-        checkpoint=checkpoint,
-        in_manifest=in_manifest,
-        labels_root=layout.stage_labels(run, stage),
-        out_manifest=layout.stage_manifest(run, stage),
-        errors_path=layout.stage_errors(run, stage),
-        saliency_cache=layout.saliency_cache(run),
-        name=f"stage_{stage} labels",
+    summary = update_stage_labels(
+        config, stage, mode=mode, checkpoint=checkpoint, in_manifest=in_manifest
     )
     quality = label_quality(layout.stage_manifest(run, stage), config.model.num_classes)
     summary.update(

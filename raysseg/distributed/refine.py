@@ -136,6 +136,25 @@ def update_labels(
     return summary
 
 
+def update_stage_labels(
+    config: Config, stage: int, *, mode: str, checkpoint: str, in_manifest: str
+) -> dict[str, Any]:
+    """`update_labels` into the run directory's places of stage `stage`: its labels, manifest and
+    errors table, and the run's saliency cache (the pipeline's label steps)."""
+    run = config.run_dir
+    return update_labels(
+        config,
+        mode=mode,
+        checkpoint=checkpoint,
+        in_manifest=in_manifest,
+        labels_root=layout.stage_labels(run, stage),
+        out_manifest=layout.stage_manifest(run, stage),
+        errors_path=layout.stage_errors(run, stage),
+        saliency_cache=layout.saliency_cache(run),
+        name=f"stage_{stage} labels",
+    )
+
+
 # Rows per Ray Data block of a manifest read: small enough that every actor gets work and progress
 # moves steadily, large enough that per-block overhead stays negligible.
 MAX_ROWS_PER_BLOCK = 256
@@ -613,4 +632,4 @@ def _rows_frame(rows: list[dict[str, Any]]):
     return frame
 
 
-__all__ = ["MODES", "LabelInference", "finalize_batch", "update_labels"]
+__all__ = ["MODES", "LabelInference", "finalize_batch", "update_labels", "update_stage_labels"]
