@@ -10,9 +10,11 @@ in separate CPU tasks), in one Ray session: an untimed first update (worker star
 updates of a quarter of the images and of all of them; their difference gives the steady-state images/s
 and the fixed cost per update (actor start, reads, repartition, manifest writes), which COCO-sized
 updates amortise.
+Every case runs once per round (`--rounds`, odd rounds in reverse order); each ratio is taken against the
+serial loop of its own round, and the figures printed are medians over the rounds, each round listed.
 
-    python bench/label_update.py --quick                 # tiny sizes, seconds
-    python bench/label_update.py                         # full: 96 images of 256x256, ~8 min on 2 cores
+    python bench/label_update.py --quick                 # tiny sizes, one round, seconds
+    python bench/label_update.py                         # full: 96 images of 256x256, 3 rounds
 """
 
 from __future__ import annotations
@@ -22,7 +24,10 @@ import dataclasses
 import json
 import os
 import shutil
+import statistics
 import sys
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -56,38 +61,61 @@ def main() -> None:
     )
     manifest = _common.write_train_manifest(data_root, out / "manifest")
     checkpoint = _common.write_checkpoint(config, out / "checkpoint.pt")
+    cases = _cases(args, config, checkpoint, manifest, out)
+    rounds = []
+    for index in range(args.rounds or (1 if args.quick else 3)):
+        # Odd rounds run the cases in reverse order: a drift of the machine's speed during the run
+        # then does not always favour the same side.
+        order = cases if index % 2 == 0 else cases[::-1]
+        measured: dict[str, dict[str, dict]] = {}
+        for group, name, run in order:
+            measured.setdefault(group, {})[name] = run()
+        rounds.append(measured)
+    settings["rounds"] = len(rounds)
+    _report(settings, rounds, out)
+
+
+def _cases(
+    args: argparse.Namespace, config: Config, checkpoint: str, manifest: str, out: Path
+) -> list[tuple[str, str, Callable[[], dict]]]:
+    """(group, case, run) in the order one round runs them; group "1", "2", ... or "free"."""
     cores = sorted(os.sched_getaffinity(0))
     placements = args.placements or (["auto"] if args.quick else ["actors", "tasks"])
-    rows, results = [], {}
+    cases = []
     for workers in args.workers:
         if workers > len(cores):
             print(f"skipping {workers} workers: only {len(cores)} cores usable", file=sys.stderr)
             continue
         pinned = set(cores[:workers])
-        serial = run_serial(config, checkpoint, manifest, out / f"labels_serial_{workers}", pinned)
-        results[workers] = {"serial": serial}
+        labels = out / f"labels_serial_{workers}"
+        cases.append(
+            (
+                str(workers),
+                "serial",
+                partial(run_serial, config, checkpoint, manifest, labels, pinned),
+            )
+        )
         if workers > 1:
             # The ceiling on these cores: independent serial processes, one per core, no Ray.
-            results[workers]["independent"] = run_independent(
-                config, checkpoint, manifest, out, sorted(pinned)
-            )
+            run = partial(run_independent, config, checkpoint, manifest, out, sorted(pinned))
+            cases.append((str(workers), "independent", run))
         for placement in placements:
-            distributed = run_ray(
-                _placed(config, placement), checkpoint, manifest, out, workers, pinned, args
-            )
-            results[workers][placement] = distributed
-            rows.append(_row(str(workers), placement, serial, distributed))
-    free = {}
+            placed = _placed(config, placement)
+            run = partial(run_ray, placed, checkpoint, manifest, out, workers, pinned, args)
+            cases.append((str(workers), placement, run))
     if args.free_daemons and not args.quick and len(cores) > 1:
         # One worker on the whole machine: one torch thread on each side, as above, but Ray's own
         # processes (raylet, GCS, driver loop, Ray Data's actors) may run on the other cores.
-        serial = run_serial(config, checkpoint, manifest, out / "labels_serial_free", set(cores), 1)
-        distributed = run_ray(
-            _placed(config, "actors"), checkpoint, manifest, out, 1, set(cores), args
+        labels = out / "labels_serial_free"
+        whole = set(cores)
+        cases.append(
+            ("free", "serial", partial(run_serial, config, checkpoint, manifest, labels, whole, 1))
         )
-        free = {"serial": serial, "actors": distributed}
-        rows.append(_row(f"1 (of {len(cores)})", "actors", serial, distributed))
-    _report(settings, rows, results, free, out)
+        placed = _placed(config, "actors")
+        cases.append(
+            ("free", "actors", partial(run_ray, placed, checkpoint, manifest, out, 1, whole, args))
+        )
+    return cases
 
 
 def _placed(config: Config, placement: str) -> Config:
@@ -103,6 +131,12 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=None, help="square image side in pixels")
     parser.add_argument("--width", type=int, default=None, help="small backbone width")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="repeats of every case, interleaved; figures are medians (default 3; quick: 1)",
+    )
     parser.add_argument("--batch-size", type=int, default=4, help="resources.refine_batch_size")
     parser.add_argument(
         "--no-free-daemons",
@@ -296,24 +330,31 @@ def _update(update_labels, config: Config, checkpoint: str, manifest: str, run: 
     )
 
 
-def _row(workers: str, placement: str, serial: dict, distributed: dict) -> list[Any]:
-    return [
-        workers,
-        placement,
-        serial["images_per_s"],
-        distributed["images_per_s"],
-        distributed["images_per_s"] / serial["images_per_s"],
-        distributed["steady_images_per_s"],
-        distributed["fixed_s"],
-    ]
-
-
-def _report(settings: dict, rows: list, results: dict, free: dict, out: Path) -> None:
+def _report(settings: dict, rounds: list[dict], out: Path) -> None:
+    medians = _median_results(rounds)
+    ratios = _ratios(rounds)
     print(_common.machine_line())
     print(
         f"label update, mode refine: {settings['images']} images of {settings['size']}x"
-        f"{settings['size']}, small backbone width {settings['width']}"
+        f"{settings['size']}, small backbone width {settings['width']}; medians of "
+        f"{len(rounds)} round(s), every case once per round"
     )
+    rows = []
+    for group, cases in medians.items():
+        for name, result in cases.items():
+            if name in NOT_RAY:
+                continue
+            rows.append(
+                [
+                    _group_label(group),
+                    name,
+                    cases["serial"]["images_per_s"],
+                    result["images_per_s"],
+                    statistics.median(ratios[group][name]["same_cores"]),
+                    result["steady_images_per_s"],
+                    result["fixed_s"],
+                ]
+            )
     _common.print_table(
         [
             "workers(cores)",
@@ -326,44 +367,92 @@ def _report(settings: dict, rows: list, results: dict, free: dict, out: Path) ->
         ],
         rows,
     )
-    if 1 in results:
-        base = results[1]["serial"]["images_per_s"]
-        for workers, cases in sorted(results.items()):
-            for placement, result in cases.items():
-                if placement in NOT_RAY:
-                    continue
-                ratio = result["images_per_s"] / base
-                steady = result["steady_images_per_s"] / base
+    _print_ratios(medians, ratios, rounds)
+    record = {
+        "settings": settings,
+        "results": {group: cases for group, cases in medians.items() if group != "free"},
+        "one_worker_free_daemons": medians.get("free", {}),
+        "ratios": ratios,
+        "rounds": rounds,
+    }
+    (out / "label_update.json").write_text(json.dumps(record, indent=2))
+    print(f"per-image costs written to {out / 'label_update.json'}")
+
+
+def _print_ratios(medians: dict, ratios: dict, rounds: list[dict]) -> None:
+    for group, cases in ratios.items():
+        for name, ratio in cases.items():
+            if name == "independent":
+                rate = medians[group][name]["images_per_s"]
                 print(
-                    f"ray with {workers} worker(s), crf_placement {placement} / serial loop on 1 "
-                    f"core: {ratio:.3f}x end to end, {steady:.3f}x steady state"
+                    f"{group} independent serial processes, one per core (no Ray): {rate:.3f} "
+                    f"images/s = {_median_line(ratio['end_to_end'])} the serial loop on 1 core"
                 )
-        for workers, cases in sorted(results.items()):
-            if "independent" in cases:
-                ceiling = cases["independent"]["images_per_s"]
-                print(
-                    f"{workers} independent serial processes, one per core (no Ray): "
-                    f"{ceiling:.3f} images/s = {ceiling / base:.3f}x the serial loop on 1 core"
+                continue
+            if group == "free":
+                who = (
+                    "ray with 1 worker, Ray's processes free to use the other cores / serial loop "
                 )
-        serial = results[1]["serial"]
+                who += "with 1 thread"
+            else:
+                who = f"ray with {group} worker(s), crf_placement {name} / serial loop on 1 core"
+            print(
+                f"{who}: {_median_line(ratio['end_to_end'])} end to end, "
+                f"{_median_line(ratio['steady'])} steady state"
+            )
+    if "1" in medians:
+        serial = medians["1"]["serial"]
+        per_round = " / ".join(f"{r['1']['serial']['images_per_s']:.3f}" for r in rounds)
+        print(f"serial loop on 1 core, images/s per round: {per_round}")
         print(
             f"serial per-image cost on 1 core: inference {serial['infer_s_per_image']:.4f} s, "
             f"CRF + fusion + PNG writes {serial['finalize_s_per_image']:.4f} s"
         )
-    if free:
-        ratio = free["actors"]["images_per_s"] / free["serial"]["images_per_s"]
-        steady = free["actors"]["steady_images_per_s"] / free["serial"]["images_per_s"]
-        print(
-            "ray with 1 worker, Ray's processes free to use the other cores / serial loop with 1 "
-            f"thread: {ratio:.3f}x end to end, {steady:.3f}x steady state"
-        )
-    record = {
-        "settings": settings,
-        "results": {str(k): v for k, v in results.items()},
-        "one_worker_free_daemons": free,
-    }
-    (out / "label_update.json").write_text(json.dumps(record, indent=2))
-    print(f"per-image costs written to {out / 'label_update.json'}")
+
+
+def _median_line(ratios: list[float]) -> str:
+    """'1.890x (rounds 1.967 / 1.890 / 1.867)': the median ratio, then each round's."""
+    median = f"{statistics.median(ratios):.3f}x"
+    if len(ratios) == 1:
+        return median
+    return f"{median} (rounds {' / '.join(f'{v:.3f}' for v in ratios)})"
+
+
+def _group_label(group: str) -> str:
+    return f"1 (of {len(os.sched_getaffinity(0))})" if group == "free" else group
+
+
+def _median_results(rounds: list[dict]) -> dict[str, dict[str, dict[str, float]]]:
+    """Each figure of each case: its median over the rounds."""
+    medians: dict[str, dict[str, dict[str, float]]] = {}
+    for group, cases in rounds[0].items():
+        for name, first in cases.items():
+            medians.setdefault(group, {})[name] = {
+                key: statistics.median(r[group][name][key] for r in rounds) for key in first
+            }
+    return medians
+
+
+def _ratios(rounds: list[dict]) -> dict[str, dict[str, dict[str, list[float]]]]:
+    """Each case against the serial loop of its own round: on 1 core (the goals' baseline; it beats
+    serial with more threads here) and on the same cores; for "free", its own serial loop."""
+    ratios: dict[str, dict[str, dict[str, list[float]]]] = {}
+    for measured in rounds:
+        for group, cases in measured.items():
+            same_cores = cases["serial"]["images_per_s"]
+            one_core = group != "free" and "1" in measured
+            base = measured["1"]["serial"]["images_per_s"] if one_core else same_cores
+            for name, result in cases.items():
+                if name == "serial":
+                    continue
+                entry = ratios.setdefault(group, {}).setdefault(
+                    name, {"end_to_end": [], "steady": [], "same_cores": []}
+                )
+                entry["end_to_end"].append(result["images_per_s"] / base)
+                entry["same_cores"].append(result["images_per_s"] / same_cores)
+                if "steady_images_per_s" in result:
+                    entry["steady"].append(result["steady_images_per_s"] / base)
+    return ratios
 
 
 def _now() -> float:
