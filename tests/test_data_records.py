@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from raysseg.data import io
+from raysseg.data import io, records
 from raysseg.data.records import (
     COCO_CLASS_NAMES,
     VOC_CLASS_NAMES,
@@ -355,6 +355,35 @@ def test_manifest_overwrite_removes_stale_parts(tmp_path):
     assert list(read_manifest(path)) == list(_many_records(5))
     write_manifest(iter(()), path)
     assert list(read_manifest(path)) == []
+
+
+def test_part_writer_groups_small_tables_into_full_row_groups_and_files(tmp_path, monkeypatch):
+    # A label update hands the writer a few rows at a time; readers index whole row groups.
+    monkeypatch.setattr(records, "ROWS_PER_GROUP", 8)
+    schema = pa.schema([("n", pa.int32()), ("name", pa.string())])
+    writer = records.PartWriter(str(tmp_path / "out"), schema, rows_per_file=20)
+    for start in range(0, 75, 3):
+        numbers = list(range(start, start + 3))
+        # Columns in another order and wider types: the writer selects and casts to its schema.
+        writer.write(pa.table({"name": [f"r{n}" for n in numbers], "n": numbers}))
+    assert writer.close() == 75
+    files = sorted((tmp_path / "out").iterdir())
+    assert [f.name for f in files] == [f"part-0000{i}.parquet" for i in range(4)]
+    groups = []
+    for file in files:
+        metadata = pq.ParquetFile(file).metadata
+        groups.append([metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)])
+    assert groups == [[8, 8, 4], [8, 8, 4], [8, 8, 4], [8, 7]]
+    table = pq.read_table(tmp_path / "out")
+    assert table.schema == schema
+    assert sorted(table.column("n").to_pylist()) == list(range(75))
+
+
+def test_part_writer_without_rows_writes_one_empty_part_with_the_schema(tmp_path):
+    schema = pa.schema([("n", pa.int32())])
+    assert records.PartWriter(str(tmp_path / "out"), schema).close() == 0
+    (only,) = (tmp_path / "out").iterdir()
+    assert pq.read_schema(only) == schema and pq.read_metadata(only).num_rows == 0
 
 
 def test_manifest_missing_named(tmp_path):

@@ -618,13 +618,78 @@ def record_from_row(row: dict) -> Record:
     return Record(**values)
 
 
-def _write_part(rows: list[Record], uri: str) -> None:
-    columns = {name: [getattr(r, name) for r in rows] for name in _RECORD_FIELDS}
-    columns["labels"] = [list(r.labels) for r in rows]
-    table = pa.Table.from_pydict(columns, schema=MANIFEST_SCHEMA)
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, row_group_size=ROWS_PER_GROUP)
-    io.write_bytes_atomic(uri, sink.getvalue().to_pybytes())
+class PartWriter:
+    """Streams Arrow tables into a folder as part-00000.parquet, part-00001.parquet, ...
+
+    Row groups of ROWS_PER_GROUP rows (what ManifestRows indexes), however small the tables that
+    come in; files of at most `rows_per_file` rows, each written atomically once full (at most one
+    file is held in memory). No row at all still writes one empty part that carries the schema.
+    """
+
+    def __init__(
+        self, path: str, schema: pa.Schema, rows_per_file: int = DEFAULT_ROWS_PER_FILE
+    ) -> None:
+        if rows_per_file < 1:
+            raise ValueError(f"rows_per_file must be >= 1, got {rows_per_file}")
+        self.path, self.schema, self.rows_per_file = path, schema, rows_per_file
+        self.rows = 0
+        self._parts = 0
+        self._pending: list[pa.Table] = []
+        self._pending_rows = 0
+        self._file_rows = 0
+        self._sink: pa.BufferOutputStream | None = None
+        self._writer: pq.ParquetWriter | None = None
+        io.makedirs(path)
+
+    def write(self, table: pa.Table) -> None:
+        """Append `table` (its columns in `schema`'s order, castable to it)."""
+        self._pending.append(table.select(self.schema.names).cast(self.schema))
+        self._pending_rows += table.num_rows
+        while self._pending_rows >= self._group_rows():
+            self._write_group(self._group_rows())
+
+    def close(self) -> int:
+        """Write what is pending; returns the number of rows written."""
+        if self._pending_rows:
+            self._write_group(self._pending_rows)
+        if self._writer is None and self._parts == 0:
+            self._open_part()
+        self._close_part()
+        return self.rows
+
+    def _group_rows(self) -> int:
+        return min(ROWS_PER_GROUP, self.rows_per_file - self._file_rows)
+
+    def _write_group(self, rows: int) -> None:
+        pending = pa.concat_tables(self._pending)
+        if self._writer is None:
+            self._open_part()
+        self._writer.write_table(pending.slice(0, rows), row_group_size=rows)
+        rest = pending.slice(rows)
+        self._pending, self._pending_rows = ([rest] if rest.num_rows else []), rest.num_rows
+        self._file_rows += rows
+        self.rows += rows
+        if self._file_rows == self.rows_per_file:
+            self._close_part()
+
+    def _open_part(self) -> None:
+        self._sink = pa.BufferOutputStream()
+        self._writer = pq.ParquetWriter(self._sink, self.schema)
+
+    def _close_part(self) -> None:
+        if self._writer is None:
+            return
+        self._writer.close()
+        uri = io.join(self.path, f"{_PART_PREFIX}{self._parts:05d}.parquet")
+        io.write_bytes_atomic(uri, self._sink.getvalue().to_pybytes())
+        self._parts += 1
+        self._writer, self._sink, self._file_rows = None, None, 0
+
+
+def _records_table(records: list[Record]) -> pa.Table:
+    columns = {name: [getattr(r, name) for r in records] for name in _RECORD_FIELDS}
+    columns["labels"] = [list(r.labels) for r in records]
+    return pa.Table.from_pydict(columns, schema=MANIFEST_SCHEMA)
 
 
 def write_manifest(
@@ -632,30 +697,25 @@ def write_manifest(
 ) -> int:
     """Write records to folder `path` as part-00000.parquet, part-00001.parquet, ...
 
-    Streams: at most `rows_per_file` records are held at once. Part files of an earlier manifest
+    Streams: at most one file of records is held at once. Part files of an earlier manifest
     at the same path are removed first, so the folder always holds exactly this manifest.
     Returns the number of records written.
     """
-    if rows_per_file < 1:
-        raise ValueError(f"rows_per_file must be >= 1, got {rows_per_file}")
     if io.exists(path):
         if not io.is_dir(path):
             raise DataError(f"manifest path '{path}' exists and is not a folder")
         for stale in io.list_files(path, suffix=".parquet"):
             if posixpath.basename(stale).startswith(_PART_PREFIX):
                 io.delete_file(stale)
-    io.makedirs(path)
-    buffer: list[Record] = []
-    written, part = 0, 0
+    writer = PartWriter(path, MANIFEST_SCHEMA, rows_per_file)
+    chunk: list[Record] = []
     for record in records:
-        buffer.append(record)
-        if len(buffer) == rows_per_file:
-            _write_part(buffer, io.join(path, f"{_PART_PREFIX}{part:05d}.parquet"))
-            written, part, buffer = written + len(buffer), part + 1, []
-    if buffer or part == 0:  # an empty manifest still gets one (empty) part with the schema
-        _write_part(buffer, io.join(path, f"{_PART_PREFIX}{part:05d}.parquet"))
-        written += len(buffer)
-    return written
+        chunk.append(record)
+        if len(chunk) == 4096:  # Record objects -> Arrow a few thousand at a time
+            writer.write(_records_table(chunk))
+            chunk = []
+    writer.write(_records_table(chunk))
+    return writer.close()
 
 
 def manifest_files(path: str) -> list[str]:
@@ -692,13 +752,6 @@ def read_manifest(path: str, batch_size: int = 4096) -> Iterator[Record]:
     for batch in _iter_parquet_batches(path, batch_size=batch_size):
         for row in batch.to_pylist():
             yield record_from_row(row)
-
-
-def read_manifest_columns(
-    path: str, columns: Sequence[str], batch_size: int = 65536
-) -> Iterator[pa.RecordBatch]:
-    """Stream only `columns` of a manifest, a batch at a time (e.g. counting over millions of rows)."""
-    return _iter_parquet_batches(path, batch_size=batch_size, columns=list(columns))
 
 
 def manifest_row_count(path: str) -> int:
@@ -767,6 +820,7 @@ __all__ = [
     "VOC_CLASS_NAMES",
     "DataError",
     "ManifestRows",
+    "PartWriter",
     "Record",
     "check_label_map",
     "class_names_for",
@@ -782,7 +836,6 @@ __all__ = [
     "read_class_names",
     "read_labels_table",
     "read_manifest",
-    "read_manifest_columns",
     "record_from_row",
     "record_to_row",
     "render_coco_mask",

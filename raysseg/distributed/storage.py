@@ -7,7 +7,6 @@ reader and writer of a run.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import ray.data
@@ -32,19 +31,6 @@ def read_parquet(uri: str, **options: Any) -> ray.data.Dataset:
         context.use_datasource_v2 = previous
 
 
-def write_parquet(dataset: ray.data.Dataset, uri: str, **options: Any) -> None:
-    """`Dataset.write_parquet` to a folder at a local path or URI (options: rows per file ...)."""
-    filesystem, path = io.resolve(uri)
-    dataset.write_parquet(path, filesystem=filesystem, **options)
-
-
-def write_parquet_atomic(dataset: ray.data.Dataset, uri: str, **options: Any) -> None:
-    """Write to a temp folder beside `uri`, then move into place: no reader sees half a manifest."""
-    temporary = f"{uri}.tmp-{time.time_ns()}"
-    write_parquet(dataset, temporary, **options)
-    io.replace_dir(temporary, uri)
-
-
 def train_storage(uri: str) -> dict[str, Any]:
     """RunConfig keywords that put Ray Train's checkpoints at `uri` (path inside the filesystem)."""
     filesystem, path = io.resolve(uri)
@@ -63,6 +49,4 @@ __all__ = [
     "read_parquet",
     "train_storage",
     "uri_in_storage",
-    "write_parquet",
-    "write_parquet_atomic",
 ]
