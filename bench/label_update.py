@@ -10,8 +10,10 @@ in separate CPU tasks), in one Ray session: an untimed first update (worker star
 updates of a quarter of the images and of all of them; their difference gives the steady-state images/s
 and the fixed cost per update (actor start, reads, repartition, manifest writes), which COCO-sized
 updates amortise.
-Every case runs once per round (`--rounds`, odd rounds in reverse order); each ratio is taken against the
-serial loop of its own round, and the figures printed are medians over the rounds, each round listed.
+Every case runs once per round (`--rounds`) right after its own serial baseline (odd rounds: right
+before it, cases in reverse order): the speed of this shared machine drifts by 10-20 % over minutes,
+so each ratio compares runs a minute apart. The figures printed are medians over the rounds, with
+each round's ratio listed.
 
     python bench/label_update.py --quick                 # tiny sizes, one round, seconds
     python bench/label_update.py                         # full: 96 images of 256x256, 3 rounds
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import shutil
 import statistics
@@ -64,57 +67,59 @@ def main() -> None:
     cases = _cases(args, config, checkpoint, manifest, out)
     rounds = []
     for index in range(args.rounds or (1 if args.quick else 3)):
-        # Odd rounds run the cases in reverse order: a drift of the machine's speed during the run
-        # then does not always favour the same side.
-        order = cases if index % 2 == 0 else cases[::-1]
-        measured: dict[str, dict[str, dict]] = {}
-        for group, name, run in order:
-            measured.setdefault(group, {})[name] = run()
-        rounds.append(measured)
+        rounds.append(_run_round(cases, reverse=index % 2 == 1))
     settings["rounds"] = len(rounds)
     _report(settings, rounds, out)
 
 
+Case = tuple[str, str, Callable[[], dict], Callable[[], dict]]
+
+
+def _run_round(cases: list[Case], reverse: bool) -> dict[str, dict[str, dict]]:
+    """Every case next to its own serial baseline, run just before it (or just after: `reverse`
+    also reverses the order of the cases), so that the machine's speed, which drifts by 10-20 %
+    over minutes here, is the same on both sides of a ratio."""
+    measured: dict[str, dict[str, dict]] = {}
+    for group, name, baseline, run in cases[::-1] if reverse else cases:
+        if reverse:
+            result, serial = run(), baseline()
+        else:
+            serial, result = baseline(), run()
+        measured.setdefault(group, {})[name] = {"serial": serial, "case": result}
+    return measured
+
+
 def _cases(
     args: argparse.Namespace, config: Config, checkpoint: str, manifest: str, out: Path
-) -> list[tuple[str, str, Callable[[], dict]]]:
-    """(group, case, run) in the order one round runs them; group "1", "2", ... or "free"."""
+) -> list[Case]:
+    """(group, case, its serial baseline, run); group "1", "2", ... or "free"."""
     cores = sorted(os.sched_getaffinity(0))
     placements = args.placements or (["auto"] if args.quick else ["actors", "tasks"])
+    # The goals' baseline: the serial loop on 1 core (faster here than with more threads).
+    one_core = partial(run_serial, config, checkpoint, manifest, out / "labels_serial", {cores[0]})
     cases = []
     for workers in args.workers:
         if workers > len(cores):
             print(f"skipping {workers} workers: only {len(cores)} cores usable", file=sys.stderr)
             continue
         pinned = set(cores[:workers])
-        labels = out / f"labels_serial_{workers}"
-        cases.append(
-            (
-                str(workers),
-                "serial",
-                partial(run_serial, config, checkpoint, manifest, labels, pinned),
-            )
-        )
         if workers > 1:
             # The ceiling on these cores: independent serial processes, one per core, no Ray.
             run = partial(run_independent, config, checkpoint, manifest, out, sorted(pinned))
-            cases.append((str(workers), "independent", run))
+            cases.append((str(workers), "independent", one_core, run))
         for placement in placements:
             placed = _placed(config, placement)
             run = partial(run_ray, placed, checkpoint, manifest, out, workers, pinned, args)
-            cases.append((str(workers), placement, run))
+            cases.append((str(workers), placement, one_core, run))
     if args.free_daemons and not args.quick and len(cores) > 1:
         # One worker on the whole machine: one torch thread on each side, as above, but Ray's own
         # processes (raylet, GCS, driver loop, Ray Data's actors) may run on the other cores.
-        labels = out / "labels_serial_free"
         whole = set(cores)
-        cases.append(
-            ("free", "serial", partial(run_serial, config, checkpoint, manifest, labels, whole, 1))
-        )
+        labels = out / "labels_serial_free"
+        baseline = partial(run_serial, config, checkpoint, manifest, labels, whole, 1)
         placed = _placed(config, "actors")
-        cases.append(
-            ("free", "actors", partial(run_ray, placed, checkpoint, manifest, out, 1, whole, args))
-        )
+        run = partial(run_ray, placed, checkpoint, manifest, out, 1, whole, args)
+        cases.append(("free", "actors", baseline, run))
     return cases
 
 
@@ -337,7 +342,7 @@ def _report(settings: dict, rounds: list[dict], out: Path) -> None:
     print(
         f"label update, mode refine: {settings['images']} images of {settings['size']}x"
         f"{settings['size']}, small backbone width {settings['width']}; medians of "
-        f"{len(rounds)} round(s), every case once per round"
+        f"{len(rounds)} round(s), every case next to its own serial baseline"
     )
     rows = []
     for group, cases in medians.items():
@@ -348,9 +353,8 @@ def _report(settings: dict, rounds: list[dict], out: Path) -> None:
                 [
                     _group_label(group),
                     name,
-                    cases["serial"]["images_per_s"],
+                    statistics.median(r[group][name]["serial"]["images_per_s"] for r in rounds),
                     result["images_per_s"],
-                    statistics.median(ratios[group][name]["same_cores"]),
                     result["steady_images_per_s"],
                     result["fixed_s"],
                 ]
@@ -361,7 +365,6 @@ def _report(settings: dict, rounds: list[dict], out: Path) -> None:
             "crf_placement",
             "serial images/s",
             "ray images/s",
-            "ray / serial (same cores)",
             "ray steady images/s",
             "ray fixed s/update",
         ],
@@ -400,19 +403,22 @@ def _print_ratios(medians: dict, ratios: dict, rounds: list[dict]) -> None:
                 f"{who}: {_median_line(ratio['end_to_end'])} end to end, "
                 f"{_median_line(ratio['steady'])} steady state"
             )
-    if "1" in medians:
-        serial = medians["1"]["serial"]
-        per_round = " / ".join(f"{r['1']['serial']['images_per_s']:.3f}" for r in rounds)
-        print(f"serial loop on 1 core, images/s per round: {per_round}")
+    serials = [
+        c["serial"] for r in rounds for g, cs in r.items() if g != "free" for c in cs.values()
+    ]
+    if serials:
+        rates = sorted(s["images_per_s"] for s in serials)
         print(
-            f"serial per-image cost on 1 core: inference {serial['infer_s_per_image']:.4f} s, "
-            f"CRF + fusion + PNG writes {serial['finalize_s_per_image']:.4f} s"
+            f"serial loop on 1 core: {len(rates)} runs, {rates[0]:.3f} to {rates[-1]:.3f} images/s; "
+            f"per image: inference {statistics.median(s['infer_s_per_image'] for s in serials):.4f}"
+            f" s, CRF + fusion + PNG writes "
+            f"{statistics.median(s['finalize_s_per_image'] for s in serials):.4f} s"
         )
 
 
 def _median_line(ratios: list[float]) -> str:
     """'1.890x (rounds 1.967 / 1.890 / 1.867)': the median ratio, then each round's."""
-    median = f"{statistics.median(ratios):.3f}x"
+    median = f"{_median(ratios):.3f}x"
     if len(ratios) == 1:
         return median
     return f"{median} (rounds {' / '.join(f'{v:.3f}' for v in ratios)})"
@@ -423,33 +429,37 @@ def _group_label(group: str) -> str:
 
 
 def _median_results(rounds: list[dict]) -> dict[str, dict[str, dict[str, float]]]:
-    """Each figure of each case: its median over the rounds."""
+    """Each figure of each case over the rounds, as medians; "serial": every baseline of the group."""
     medians: dict[str, dict[str, dict[str, float]]] = {}
     for group, cases in rounds[0].items():
-        for name, first in cases.items():
-            medians.setdefault(group, {})[name] = {
-                key: statistics.median(r[group][name][key] for r in rounds) for key in first
-            }
+        baselines = [r[group][name]["serial"] for r in rounds for name in cases]
+        medians[group] = {"serial": _medians(baselines)}
+        for name in cases:
+            medians[group][name] = _medians([r[group][name]["case"] for r in rounds])
     return medians
 
 
+def _medians(results: list[dict[str, float]]) -> dict[str, float]:
+    return {key: _median([result[key] for result in results]) for key in results[0]}
+
+
+def _median(values: list[float]) -> float:
+    """Median of the finite values (a tiny quick-mode run can leave the steady rate undefined)."""
+    finite = [value for value in values if math.isfinite(value)]
+    return statistics.median(finite) if finite else float("nan")
+
+
 def _ratios(rounds: list[dict]) -> dict[str, dict[str, dict[str, list[float]]]]:
-    """Each case against the serial loop of its own round: on 1 core (the goals' baseline; it beats
-    serial with more threads here) and on the same cores; for "free", its own serial loop."""
+    """Each case against its own serial baseline of the same round, end to end and steady state."""
     ratios: dict[str, dict[str, dict[str, list[float]]]] = {}
     for measured in rounds:
         for group, cases in measured.items():
-            same_cores = cases["serial"]["images_per_s"]
-            one_core = group != "free" and "1" in measured
-            base = measured["1"]["serial"]["images_per_s"] if one_core else same_cores
-            for name, result in cases.items():
-                if name == "serial":
-                    continue
+            for name, pair in cases.items():
+                base, result = pair["serial"]["images_per_s"], pair["case"]
                 entry = ratios.setdefault(group, {}).setdefault(
-                    name, {"end_to_end": [], "steady": [], "same_cores": []}
+                    name, {"end_to_end": [], "steady": []}
                 )
                 entry["end_to_end"].append(result["images_per_s"] / base)
-                entry["same_cores"].append(result["images_per_s"] / same_cores)
                 if "steady_images_per_s" in result:
                     entry["steady"].append(result["steady_images_per_s"] / base)
     return ratios
