@@ -225,6 +225,38 @@ def test_a_broken_image_is_recorded_not_fatal_within_the_budget(local_ray, tmp_p
     assert rerun["written"] == 1 and rerun["skipped"] == 9 and rerun["errors"] == 0
 
 
+@pytest.mark.timeout(150)
+def test_an_actor_pool_holding_every_cpu_still_reads_its_manifest(local_ray, tiny_data, tmp_path):
+    # Manifest reads hold no CPU slot. A read task needing one waited forever behind actors that
+    # held every CPU, and the update hung at 0 images with no error (RAY_NOTES); here the timeout
+    # above would fail it.
+    import torch
+
+    from raysseg.engine.checkpoint import save_checkpoint
+    from raysseg.model.network import build_model
+
+    config = tiny_config(
+        tiny_data,
+        tmp_path / "run",
+        "resources.refine_actors=2",
+        "resources.refine_cpus_per_actor=2",
+        "resources.crf_placement=actors",
+    )
+    held = config.resources.refine_actors * config.resources.refine_cpus_per_actor
+    assert held == ray.cluster_resources()["CPU"]
+    torch.manual_seed(0)
+    checkpoint = tmp_path / "model.pt"
+    save_checkpoint(checkpoint, build_model(config.model))
+    summary = update_stage_labels(
+        config,
+        1,
+        mode="refine",
+        checkpoint=str(checkpoint),
+        in_manifest=_train_manifest(config, tiny_data),
+    )
+    assert summary["written"] == 16 and summary["errors"] == 0
+
+
 def test_crf_in_the_actors_or_in_tasks_writes_the_same_labels(local_ray, tiny_data, tmp_path):
     import torch
 

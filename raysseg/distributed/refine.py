@@ -168,10 +168,13 @@ def read_manifest_dataset(
     A small manifest is one Parquet file, which Ray Data would read as one block (one actor would
     do all the work): the read tasks split what they read into the blocks asked for, with no
     repartition step (one task per block, which cost ~0.5 s of a small update on one core).
+    The read tasks hold no CPU slot: a manifest read is a few MB of URIs, and one that needed a CPU
+    waited forever behind an actor pool holding every CPU (the update hung at 0 images, no error).
     """
     rows = manifest_row_count(manifest)
     per_block = max(1, min(MAX_ROWS_PER_BLOCK, math.ceil(rows / (4 * max(1, parallelism)))))
-    dataset = read_parquet(manifest, override_num_blocks=max(1, math.ceil(rows / per_block)))
+    blocks = max(1, math.ceil(rows / per_block))
+    dataset = read_parquet(manifest, override_num_blocks=blocks, ray_remote_args={"num_cpus": 0})
     if columns:
         dataset = dataset.select_columns(columns)
     return dataset, rows
