@@ -174,7 +174,7 @@ def read_manifest_dataset(
     rows = manifest_row_count(manifest)
     per_block = max(1, min(MAX_ROWS_PER_BLOCK, math.ceil(rows / (4 * max(1, parallelism)))))
     blocks = max(1, math.ceil(rows / per_block))
-    dataset = read_parquet(manifest, override_num_blocks=blocks, ray_remote_args={"num_cpus": 0})
+    dataset = read_parquet(manifest, override_num_blocks=blocks, num_cpus=0)
     if columns:
         dataset = dataset.select_columns(columns)
     return dataset, rows
