@@ -8,7 +8,7 @@ really means one core even on a bigger machine. Every run writes to a fresh labe
 Ray side, for each `--placements` value (resources.crf_placement: the CRF inside the inference actors, or
 in separate CPU tasks), in one Ray session: an untimed first update (worker start-up, imports), then warm
 updates of a quarter of the images and of all of them; their difference gives the steady-state images/s
-and the fixed cost per update (actor start, reads, repartition, manifest writes), which COCO-sized
+and the fixed cost per update (actor start, manifest read and writes), which COCO-sized
 updates amortise.
 Every case runs once per round (`--rounds`) right after its own serial baseline (odd rounds: right
 before it, cases in reverse order): the speed of this shared machine drifts by 10-20 % over minutes,
@@ -353,7 +353,7 @@ def _report(settings: dict, rounds: list[dict], out: Path) -> None:
                 [
                     _group_label(group),
                     name,
-                    statistics.median(r[group][name]["serial"]["images_per_s"] for r in rounds),
+                    _median([r[group][name]["serial"]["images_per_s"] for r in rounds]),
                     result["images_per_s"],
                     result["steady_images_per_s"],
                     result["fixed_s"],
@@ -395,8 +395,8 @@ def _print_ratios(medians: dict, ratios: dict, rounds: list[dict]) -> None:
             if group == "free":
                 who = (
                     "ray with 1 worker, Ray's processes free to use the other cores / serial loop "
+                    "with 1 thread"
                 )
-                who += "with 1 thread"
             else:
                 who = f"ray with {group} worker(s), crf_placement {name} / serial loop on 1 core"
             print(
@@ -408,11 +408,11 @@ def _print_ratios(medians: dict, ratios: dict, rounds: list[dict]) -> None:
     ]
     if serials:
         rates = sorted(s["images_per_s"] for s in serials)
+        median = _medians(serials)
         print(
             f"serial loop on 1 core: {len(rates)} runs, {rates[0]:.3f} to {rates[-1]:.3f} images/s; "
-            f"per image: inference {statistics.median(s['infer_s_per_image'] for s in serials):.4f}"
-            f" s, CRF + fusion + PNG writes "
-            f"{statistics.median(s['finalize_s_per_image'] for s in serials):.4f} s"
+            f"per image: inference {median['infer_s_per_image']:.4f} s, CRF + fusion + PNG writes "
+            f"{median['finalize_s_per_image']:.4f} s"
         )
 
 

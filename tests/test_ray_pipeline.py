@@ -230,8 +230,6 @@ def test_an_actor_pool_holding_every_cpu_still_reads_its_manifest(local_ray, tin
     # Manifest reads hold no CPU slot. A read task needing one waited forever behind actors that
     # held every CPU, and the update hung at 0 images with no error (RAY_NOTES); here the timeout
     # above would fail it.
-    import torch
-
     from raysseg.engine.checkpoint import save_checkpoint
     from raysseg.model.network import build_model
 
@@ -244,7 +242,6 @@ def test_an_actor_pool_holding_every_cpu_still_reads_its_manifest(local_ray, tin
     )
     held = config.resources.refine_actors * config.resources.refine_cpus_per_actor
     assert held == ray.cluster_resources()["CPU"]
-    torch.manual_seed(0)
     checkpoint = tmp_path / "model.pt"
     save_checkpoint(checkpoint, build_model(config.model))
     summary = update_stage_labels(
