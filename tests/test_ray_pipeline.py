@@ -192,7 +192,7 @@ def test_a_broken_image_is_recorded_not_fatal_within_the_budget(local_ray, tmp_p
     (data / "JPEGImages" / "train_000003.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
     run = tmp_path / "run"
 
-    def update(config, stage: int):
+    def update(config, stage: int, log=print):
         return update_labels(
             config,
             mode="initial",
@@ -202,14 +202,18 @@ def test_a_broken_image_is_recorded_not_fatal_within_the_budget(local_ray, tmp_p
             out_manifest=layout.stage_manifest(config.run_dir, stage),
             errors_path=layout.stage_errors(config.run_dir, stage),
             saliency_cache=layout.saliency_cache(config.run_dir),
+            log=log,
         )
 
     generous = tiny_config(data, run, "resources.error_budget=0.2")
     write_manifest(voc_records(str(data), "train"), layout.dataset_manifest(str(run), "train"))
     checkpoint = tmp_path / "model.pt"
     save_checkpoint(checkpoint, build_model(generous.model))
-    summary = update(generous, 0)
+    lines: list[str] = []
+    summary = update(generous, 0, lines.append)
     assert summary["errors"] == 1 and summary["written"] == 9
+    # The progress line counts the output rows as they reach the driver: all of them at the end.
+    assert lines and "10/10 images (100.0%)" in lines[-1] and "1 errors" in lines[-1], lines
     errors = pq.read_table(layout.stage_errors(str(run), 0)).to_pylist()
     assert errors[0]["image_id"] == "train_000003"
     assert "train_000003.jpg" in errors[0]["error"]
@@ -275,6 +279,8 @@ def test_crf_in_the_actors_or_in_tasks_writes_the_same_labels(local_ray, tiny_da
             config, 1, mode="refine", checkpoint=str(checkpoint), in_manifest=manifest
         )
         assert summary["written"] == 16 and summary["errors"] == 0
+        # The workers' memory travels with the rows; a worker that imported torch holds > 50 MiB.
+        assert summary["worker_peak_private_mb"] > 50, summary
         root = Path(layout.stage_labels(config.run_dir, 1))
         labels[placement] = {p.relative_to(root): p.read_bytes() for p in root.rglob("*.png")}
     assert len(labels["actors"]) == 32  # a seg and a sal PNG per image
@@ -285,3 +291,28 @@ def test_crf_in_the_actors_or_in_tasks_writes_the_same_labels(local_ray, tiny_da
     gpu = tiny_config(tiny_data, tmp_path / "gpu", "resources.refine_gpus_per_actor=1")
     pinned = tiny_config(tiny_data, tmp_path / "pin", "resources.crf_custom=crf_node=0.01")
     assert not crf_in_actors(gpu.resources) and not crf_in_actors(pinned.resources)
+
+
+@pytest.mark.parametrize(
+    ("rows", "workers", "batch", "blocks", "largest"),
+    [
+        (96, 2, 4, 24, 4),  # small: ~16 blocks per worker, never below one batch
+        (10, 1, 4, 3, 4),
+        (200, 1, 1, 16, 13),
+        (1000, 2, 4, 32, 32),
+        (3000, 1, 4, 47, 64),  # large: capped, so the progress line keeps moving
+    ],
+)
+def test_manifest_blocks_are_small_enough_to_keep_every_worker_busy(
+    local_ray, tmp_path, rows, workers, batch, blocks, largest
+) -> None:
+    from raysseg.data.records import Record
+    from raysseg.distributed.refine import read_manifest_dataset
+
+    records = [Record(f"img_{i:05d}", f"/data/img_{i:05d}.jpg", (1,)) for i in range(rows)]
+    manifest = str(tmp_path / "manifest")
+    write_manifest(records, manifest)
+    dataset, total = read_manifest_dataset(manifest, workers, rows_per_batch=batch)
+    sizes = [b.num_rows for b in dataset.iter_batches(batch_size=None, batch_format="pyarrow")]
+    assert total == rows == sum(sizes)
+    assert len(sizes) == blocks and max(sizes) <= largest, sizes

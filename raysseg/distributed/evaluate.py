@@ -25,7 +25,7 @@ from raysseg.predict import predict_label
 def label_quality(manifest: str, num_classes: int, batch_size: int = 16) -> dict[str, Any]:
     """Precision / recall / mIoU of a stage's pseudo labels against the GT masks in the manifest."""
     dataset, _ = read_manifest_dataset(
-        manifest, parallelism=2, columns=["seg_label_uri", "mask_uri"]
+        manifest, parallelism=2, columns=["seg_label_uri", "mask_uri"], rows_per_batch=batch_size
     )
     dataset = dataset.filter(expr=col("mask_uri") != "")
     counts = dataset.map_batches(
@@ -61,7 +61,9 @@ def evaluate_checkpoint(
     manifest = manifest or layout.dataset_manifest(config.run_dir, "val")
     resources = config.resources
     require_custom_resources(resources, ["refine"])
-    dataset, _ = read_manifest_dataset(manifest, resources.refine_actors)
+    dataset, _ = read_manifest_dataset(
+        manifest, resources.refine_actors, rows_per_batch=resources.refine_batch_size
+    )
     matrices = dataset.map_batches(
         _Scorer,
         fn_constructor_kwargs={

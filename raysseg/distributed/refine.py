@@ -25,7 +25,6 @@ import pyarrow.compute as pc
 import ray
 import ray.data
 import torch
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from raysseg import layout
 from raysseg.config import IGNORE_INDEX, Config, ResourcesConfig, from_dict, to_dict
@@ -67,9 +66,10 @@ def update_labels(
 
     mode: "initial" (multi-scale CAM of the warm-up classifier fused with S0), "refine" (METHOD.md stage
     update with A_CT) or "ground_truth" (the full-supervision baseline: labels from the GT masks).
-    Streams: the driver holds counts, never rows; progress lines go to `log` every
-    `resources.progress_seconds`. Returns counts: images, written (new this run), skipped (already
-    done), errors, seconds, worker_peak_private_mb.
+    Streams: the driver holds counts and one manifest file's rows, never the whole; progress
+    lines go to `log` every `resources.progress_seconds`, counted from the output rows as they
+    reach the driver. Returns counts: images, written (new this run), skipped (already done),
+    errors, seconds, worker_peak_private_mb.
     """
     if mode not in MODES:
         raise ValueError(f"label update mode {mode!r} is not one of {MODES}")
@@ -78,7 +78,9 @@ def update_labels(
     config_dict = to_dict(config)
     fused = mode != "ground_truth" and crf_in_actors(resources)
     require_custom_resources(resources, _placed_kinds(mode, fused))
-    dataset, total = read_manifest_dataset(in_manifest, resources.refine_actors)
+    dataset, total = read_manifest_dataset(
+        in_manifest, resources.refine_actors, rows_per_batch=resources.refine_batch_size
+    )
     if total == 0:
         write_manifest([], out_manifest)
         return {"images": 0, "errors": 0, "written": 0, "skipped": 0, "seconds": 0.0}
@@ -86,7 +88,6 @@ def update_labels(
     # them (local filesystems only; this lists the stage's shards once).
     io.remove_temp_files(labels_root)
     io.remove_temp_files(saliency_cache)
-    progress = _start_progress_counter()
     if mode != "ground_truth":
         dataset = dataset.map_batches(
             LabelInference,
@@ -95,7 +96,6 @@ def update_labels(
                 "checkpoint": checkpoint,
                 "mode": mode,
                 "labels_root": labels_root,
-                "progress": progress,
                 # Fused: the actor finishes each image itself (no hand-off to CRF tasks).
                 "saliency_cache": saliency_cache if fused else None,
             },
@@ -109,7 +109,6 @@ def update_labels(
                 "mode": mode,
                 "labels_root": labels_root,
                 "saliency_cache": saliency_cache,
-                "progress": progress,
             },
             batch_size=resources.refine_batch_size,
             num_cpus=resources.crf_cpus,
@@ -118,14 +117,12 @@ def update_labels(
         )
     meter = ProgressMeter(name, total)
     summary = _run_with_progress(
-        lambda: _collect_outputs(dataset, out_manifest, errors_path),
-        progress,
+        lambda: _collect_outputs(dataset, out_manifest, errors_path, meter),
         meter,
         resources.progress_seconds,
         log,
     )
     summary["seconds"] = time.perf_counter() - started
-    summary["worker_peak_private_mb"] = _snapshot(progress).get("worker_peak_private_mb", math.nan)
     budget = resources.error_budget * max(1, summary["images"])
     if summary["errors"] > budget:
         raise RuntimeError(
@@ -155,15 +152,19 @@ def update_stage_labels(
     )
 
 
-# Rows per Ray Data block of a manifest read: small enough that every actor gets work and progress
-# moves steadily, large enough that per-block overhead stays negligible.
-MAX_ROWS_PER_BLOCK = 256
+# Blocks of a manifest read: at most MAX_ROWS_PER_BLOCK rows, and about BLOCKS_PER_WORKER per worker
+# when the manifest is small. Small blocks keep the workers evenly busy to the end (a worker left
+# with a whole block while the others idle is the tail of an update) and move the progress line,
+# which counts rows as their block reaches the driver: a 64-row block is ~90 s of CPU work at COCO
+# size. Blocks of one 4-image batch ran no slower than blocks of 12 in a 96-image update.
+MAX_ROWS_PER_BLOCK = 64
+BLOCKS_PER_WORKER = 16
 
 
 def read_manifest_dataset(
-    manifest: str, parallelism: int, columns: list[str] | None = None
+    manifest: str, parallelism: int, columns: list[str] | None = None, rows_per_batch: int = 1
 ) -> tuple[ray.data.Dataset, int]:
-    """(dataset, rows) of a manifest, in blocks of at most MAX_ROWS_PER_BLOCK rows.
+    """(dataset, rows) of a manifest, in blocks of `rows_per_batch` to MAX_ROWS_PER_BLOCK rows.
 
     A small manifest is one Parquet file, which Ray Data would read as one block (one actor would
     do all the work): the read tasks split what they read into the blocks asked for, with no
@@ -172,7 +173,8 @@ def read_manifest_dataset(
     waited forever behind an actor pool holding every CPU (the update hung at 0 images, no error).
     """
     rows = manifest_row_count(manifest)
-    per_block = max(1, min(MAX_ROWS_PER_BLOCK, math.ceil(rows / (4 * max(1, parallelism)))))
+    per_worker = math.ceil(rows / (BLOCKS_PER_WORKER * max(1, parallelism)))
+    per_block = max(1, min(MAX_ROWS_PER_BLOCK, max(rows_per_batch, per_worker)))
     blocks = max(1, math.ceil(rows / per_block))
     dataset = read_parquet(manifest, override_num_blocks=blocks, num_cpus=0)
     if columns:
@@ -212,64 +214,6 @@ def inference_pool_options(resources: ResourcesConfig) -> dict[str, Any]:
     }
 
 
-@ray.remote(num_cpus=0)
-class ProgressCounter:
-    """Running totals that workers add to after each batch (display only: a retried task counts
-    twice here, so exact counts come from the written rows)."""
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self.done = 0
-        self.errors = 0
-        self.worker_peak_private_mb = 0.0
-
-    def add(self, done: int, errors: int, private_mb: float) -> None:
-        self.done += done
-        self.errors += errors
-        self.worker_peak_private_mb = max(self.worker_peak_private_mb, private_mb)
-
-    def snapshot(self) -> dict[str, float]:
-        return {
-            "done": self.done,
-            "errors": self.errors,
-            "worker_peak_private_mb": self.worker_peak_private_mb,
-        }
-
-
-# One counter per Ray session of this driver, keyed by (driver node, job): a new session (even on a
-# new local cluster, where job ids restart) never reuses a stale handle.
-_COUNTERS: dict[tuple[str, str], Any] = {}
-
-
-def _start_progress_counter() -> Any:
-    """The session's counter, reset; started once per session (an actor costs a worker process,
-    ~1 s of CPU, that every update would pay again). It lives on the driver's node: a worker node
-    lost mid-update (which Ray Data survives) must not take the progress display with it."""
-    context = ray.get_runtime_context()
-    key = (context.get_node_id(), context.get_job_id())
-    counter = _COUNTERS.get(key)
-    if counter is not None:
-        try:
-            ray.get(counter.reset.remote(), timeout=30)
-            return counter
-        except (ray.exceptions.RayError, TimeoutError):
-            pass  # gone: start another
-    placement = NodeAffinitySchedulingStrategy(node_id=key[0], soft=True)
-    _COUNTERS.clear()
-    _COUNTERS[key] = ProgressCounter.options(scheduling_strategy=placement).remote()
-    return _COUNTERS[key]
-
-
-def _snapshot(progress: Any) -> dict[str, float]:
-    """The counter's totals, or {} if it is gone: progress is for display, never fatal."""
-    try:
-        return ray.get(progress.snapshot.remote(), timeout=30)
-    except (ray.exceptions.RayError, TimeoutError):
-        return {}
-
-
 def private_memory_mb() -> float:
     """This process's private resident memory now (RssAnon, Linux), in MiB.
 
@@ -289,13 +233,12 @@ def private_memory_mb() -> float:
 
 def _run_with_progress(
     work: Callable[[], Any],
-    progress: Any,
     meter: ProgressMeter,
     interval: float,
     log: Callable[[str], None],
 ) -> Any:
-    """Run `work` in a thread; print the meter every `interval` seconds and once at the end.
-    Returns what `work` returns."""
+    """Run `work` (which updates `meter`) in a thread; print the meter every `interval` seconds
+    and once at the end. Returns what `work` returns."""
     outcome: dict[str, Any] = {}
 
     def target() -> None:
@@ -308,10 +251,6 @@ def _run_with_progress(
     thread.start()
     while thread.is_alive():
         thread.join(timeout=interval)
-        snapshot = _snapshot(progress)
-        if not snapshot:
-            continue
-        meter.update(min(int(snapshot["done"]), meter.total), int(snapshot["errors"]))
         if thread.is_alive() or "failure" not in outcome:
             log(meter.line())
     if "failure" in outcome:
@@ -333,9 +272,14 @@ OUTPUT_SCHEMA = pa.schema(
 ERRORS_SCHEMA = pa.schema(
     [("image_id", pa.string()), ("image_uri", pa.string()), ("error", pa.string())]
 )
+# A column of the output rows that neither table keeps: the private memory of the worker that
+# produced the row (with separate CRF tasks: the larger of the inference actor's and the task's).
+WORKER_MEMORY = "worker_private_mb"
 
 
-def _collect_outputs(dataset: ray.data.Dataset, out_manifest: str, errors_path: str) -> dict:
+def _collect_outputs(
+    dataset: ray.data.Dataset, out_manifest: str, errors_path: str, meter: ProgressMeter
+) -> dict:
     """Stream the output rows to the driver, write the next manifest and the errors table, count.
 
     A row is a few hundred bytes (URIs and statistics; label maps stay on the workers), a
@@ -343,16 +287,19 @@ def _collect_outputs(dataset: ray.data.Dataset, out_manifest: str, errors_path: 
     the actor pool and ran after the last batch, one per block (2.5 s of a 20 s update of 48
     images on one core), and a second pass read the rows back to split the failures off. Both
     outputs are staged beside their places and moved in only once complete; a stale errors table
-    of an earlier run is removed.
+    of an earlier run is removed. `meter` follows the rows as they arrive: exact counts (a retried
+    task's rows arrive once), and no counter actor, whose idle process alone took ~1 % of a core.
     """
     stamp = time.time_ns()
     manifest = PartWriter(f"{out_manifest}.tmp-{stamp}", OUTPUT_SCHEMA)
     errors = None  # opened at the first failure
     counts: dict[str, Any] = {"images": 0, "errors": 0, "written": 0}
+    peak_mb = 0.0
     for block in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
         failed = pc.not_equal(block.column("error"), "")
         counts["images"] += block.num_rows
         counts["written"] += pc.sum(block.column("written")).as_py() or 0
+        peak_mb = max(peak_mb, pc.max(block.column(WORKER_MEMORY)).as_py() or 0.0)
         if pc.any(failed).as_py():
             failures = block.filter(failed)
             counts.setdefault("first_error", failures.column("error")[0].as_py())
@@ -360,6 +307,7 @@ def _collect_outputs(dataset: ray.data.Dataset, out_manifest: str, errors_path: 
             errors = errors or PartWriter(f"{errors_path}.tmp-{stamp}", ERRORS_SCHEMA)
             errors.write(failures)
         manifest.write(block.filter(pc.invert(failed)))
+        meter.update(counts["images"], counts["errors"])
     counts["skipped"] = counts["images"] - counts["errors"] - counts["written"]
     io.delete_dir(errors_path)
     if errors is not None:
@@ -367,6 +315,7 @@ def _collect_outputs(dataset: ray.data.Dataset, out_manifest: str, errors_path: 
         io.replace_dir(errors.path, errors_path)
     manifest.close()
     io.replace_dir(manifest.path, out_manifest)
+    counts["worker_peak_private_mb"] = peak_mb
     return counts
 
 
@@ -384,11 +333,9 @@ class LabelInference:
         checkpoint: str,
         mode: str,
         labels_root: str,
-        progress: Any = None,
         saliency_cache: str | None = None,
     ) -> None:
         self.config = from_dict(config_dict)
-        self.progress = progress
         self.mode = mode
         self.labels_root = labels_root
         self.saliency_cache = saliency_cache
@@ -412,12 +359,11 @@ class LabelInference:
             payloads.append(pack_arrays(**arrays) if arrays else b"")
             errors.append(error)
             done.append(labels_done)
-        if self.progress is not None:  # memory only; images count once, in the CRF step
-            self.progress.add.remote(0, 0, private_memory_mb())
         batch = batch.copy()
         batch["payload"] = payloads
         batch["error"] = errors
         batch["labels_done"] = done
+        batch[WORKER_MEMORY] = private_memory_mb()
         return batch
 
     def _finish_batch(self, batch):
@@ -438,7 +384,6 @@ class LabelInference:
                     node_id=node_id,
                 )
             )
-        _report_progress(self.progress, rows)
         return _rows_frame(rows)
 
     def _infer_row(self, image_id: str, image_uri: str, labels: Any) -> tuple[dict, str, bool]:
@@ -483,11 +428,12 @@ def finalize_batch(
     mode: str,
     labels_root: str,
     saliency_cache: str,
-    progress: Any = None,
 ):
     """CPU step: CRF + fusion, atomic PNG writes, statistics; one output row per input row."""
     config = from_dict(config_dict)
     node_id = ray.get_runtime_context().get_node_id()
+    # Absent in mode ground_truth (no inference step).
+    inference_mb = float(batch[WORKER_MEMORY].max()) if WORKER_MEMORY in batch else 0.0
     rows = []
     for row in batch.to_dict("records"):
         arrays = unpack_arrays(row.pop("payload", b"") or b"")
@@ -504,14 +450,7 @@ def finalize_batch(
                 node_id=node_id,
             )
         )
-    _report_progress(progress, rows)
-    return _rows_frame(rows)
-
-
-def _report_progress(progress: Any, rows: list[dict[str, Any]]) -> None:
-    if progress is not None:
-        failed = sum(1 for row in rows if row["error"])
-        progress.add.remote(len(rows), failed, private_memory_mb())
+    return _rows_frame(rows, inference_mb)
 
 
 def _finalize_row(
@@ -632,12 +571,15 @@ def _present(labels: Any) -> list[int]:
     return [int(c) for c in (labels if labels is not None else [])]
 
 
-def _rows_frame(rows: list[dict[str, Any]]):
+def _rows_frame(rows: list[dict[str, Any]], upstream_mb: float = 0.0):
+    """Output rows as a frame, with this worker's private memory (or `upstream_mb`, the inference
+    actor's, if larger)."""
     import pandas as pd
 
     frame = pd.DataFrame(rows)
     # Arrow needs list columns typed even when every list is empty.
     frame["labels"] = pd.Series([list(v) for v in frame["labels"]], dtype=object)
+    frame[WORKER_MEMORY] = max(upstream_mb, private_memory_mb())
     return frame
 
 
