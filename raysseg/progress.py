@@ -11,6 +11,9 @@ import math
 import time
 from dataclasses import dataclass, field
 
+# The shortest time a rate is measured over.
+MIN_RATE_SECONDS = 1.0
+
 
 @dataclass
 class ProgressMeter:
@@ -37,9 +40,10 @@ class ProgressMeter:
         self.now = now
 
     def rate(self) -> float:
-        """Items per second since the first finished item (NaN until two readings differ)."""
+        """Items per second since the first finished item; NaN until a second has passed since
+        then (two blocks arriving milliseconds apart gave '952.1 images/s' for an 8-image run)."""
         elapsed = self.now - self.first_done_at
-        if math.isnan(elapsed) or elapsed <= 0:
+        if math.isnan(elapsed) or elapsed < MIN_RATE_SECONDS:
             return math.nan
         return (self.done - self.first_done_count) / elapsed
 

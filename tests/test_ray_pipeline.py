@@ -296,10 +296,9 @@ def test_crf_in_the_actors_or_in_tasks_writes_the_same_labels(local_ray, tiny_da
 @pytest.mark.parametrize(
     ("rows", "workers", "batch", "blocks", "largest"),
     [
-        (96, 2, 4, 24, 4),  # small: ~16 blocks per worker, never below one batch
-        (10, 1, 4, 3, 4),
-        (200, 1, 1, 16, 13),
-        (1000, 2, 4, 32, 32),
+        (96, 2, 4, 8, 12),  # small: ~4 blocks per worker
+        (10, 2, 4, 3, 4),  # never below one batch
+        (200, 1, 1, 4, 50),
         (3000, 1, 4, 47, 64),  # large: capped, so the progress line keeps moving
     ],
 )

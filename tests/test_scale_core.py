@@ -111,6 +111,13 @@ def test_progress_meter_rate_and_eta_from_the_first_finished_item() -> None:
     assert "3 errors" in line and "elapsed 40s" in line and "ETA 20s" in line
 
 
+def test_progress_meter_gives_no_rate_for_blocks_arriving_milliseconds_apart() -> None:
+    meter = ProgressMeter("stage_1 labels", total=8, started=0.0)
+    meter.update(4, 0, now=6.000)
+    meter.update(8, 0, now=6.004)
+    assert "-- images/s" in meter.line()
+
+
 def test_format_duration() -> None:
     assert [format_duration(s) for s in (5, 754, 7384)] == ["5s", "12m34s", "2h03m"]
     assert format_duration(float(np.nan)) == "--"
