@@ -61,3 +61,11 @@ def test_parquet_read_bench_prints_both_readers(tmp_path) -> None:
     out = _run("parquet_read.py", "--out", str(tmp_path), timeout=240)
     assert "raysseg read_parquet (V1)" in out and "Ray default (V2)" in out
     assert "the time per read" in out
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_ray_idle_bench_prints_each_ray_process_and_the_total() -> None:
+    out = _run("ray_idle.py", timeout=240)
+    assert "% of a core" in out and "raylet" in out and "gcs_server" in out
+    assert "all Ray processes and the driver:" in out

@@ -1,0 +1,134 @@
+"""What Ray's own processes cost a core while nothing runs: CPU seconds per process over an idle window.
+
+A local Ray pinned to `--cores` cores (Ray's processes inherit the pinning) runs one small Ray Data
+pipeline with an actor pool, as a label update does, so Ray Data's helper actors exist. Then it idles
+and this script reads every Ray process's CPU time from /proc before and after the window. On a label
+update pinned to one core these processes share that core with the work: their sum is what the
+"1 worker pinned" case loses to the serial loop at steady state.
+
+    python bench/ray_idle.py --quick        # 2 s window
+    python bench/ray_idle.py                # 20 s window, 1 core
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+import _common
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+KINDS = ("raylet", "gcs_server", "dashboard", "log_monitor", "runtime_env", "monitor.py")
+
+
+def main() -> None:
+    args = _parse_args()
+    seconds = 2.0 if args.quick else args.seconds
+    cores = set(sorted(os.sched_getaffinity(0))[: args.cores])
+    os.sched_setaffinity(0, cores)  # before ray.init: the raylet and its workers inherit it
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    import ray
+
+    ray.init(num_cpus=2 * len(cores), include_dashboard=False, log_to_driver=False)
+    try:
+        _run_a_pipeline()
+        time.sleep(args.settle)
+        before = cpu_seconds_by_process(os.getpid())
+        time.sleep(seconds)
+        after = cpu_seconds_by_process(os.getpid())
+    finally:
+        ray.shutdown()
+    _report(before, after, seconds, len(cores))
+
+
+def _run_a_pipeline() -> None:
+    """An actor-pool map over a few rows: starts the helper actors a label update starts."""
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    dataset = ray.data.range(8, override_num_blocks=2).map_batches(
+        _Identity, compute=ray.data.ActorPoolStrategy(size=1), batch_size=4
+    )
+    dataset.materialize()
+
+
+class _Identity:
+    def __call__(self, batch):
+        return batch
+
+
+def cpu_seconds_by_process(root: int) -> dict[int, tuple[str, float]]:
+    """{pid: (kind, user + system CPU seconds)} of `root` and every process below it."""
+    children: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            fields = _stat_fields(int(name))
+            if fields:
+                children.setdefault(int(fields[1]), []).append(int(name))
+    result, pending = {}, [root]
+    while pending:
+        pid = pending.pop()
+        pending.extend(children.get(pid, []))
+        fields = _stat_fields(pid)
+        if fields:
+            result[pid] = (_kind(pid, root), (int(fields[11]) + int(fields[12])) / CLOCK_TICKS)
+    return result
+
+
+def _stat_fields(pid: int) -> list[str]:
+    """/proc/<pid>/stat after the command name (fields 3...), or [] if the process is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return []
+    return stat[stat.rfind(")") + 2 :].split()
+
+
+def _kind(pid: int, root: int) -> str:
+    if pid == root:
+        return "driver (this script)"
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ").strip()
+    except OSError:
+        return "?"
+    for kind in KINDS:
+        if kind in command:
+            return kind
+    return command.split()[0] if command.startswith("ray::") else command[:40]
+
+
+def _report(before: dict, after: dict, seconds: float, cores: int) -> None:
+    totals: dict[str, list[float]] = {}
+    for pid, (kind, cpu) in after.items():
+        used = cpu - before.get(pid, (kind, cpu))[1]  # a process born in the window: not counted
+        entry = totals.setdefault(kind, [0, 0.0])
+        entry[0] += 1
+        entry[1] += used
+    print(_common.machine_line())
+    print(f"Ray idle on {cores} core(s), {seconds:.0f} s window, after one actor-pool pipeline")
+    rows = [
+        [kind, count, used, 100.0 * used / seconds]
+        for kind, (count, used) in sorted(totals.items(), key=lambda item: -item[1][1])
+    ]
+    _common.print_table(["process", "count", "cpu s", "% of a core"], rows)
+    used = sum(row[2] for row in rows)
+    processes = sum(row[1] for row in rows)
+    print(
+        f"all Ray processes and the driver: {processes} processes, {used:.2f} cpu s = "
+        f"{100.0 * used / seconds:.1f} % of a core while idle"
+    )
+
+
+def _parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="2 s window (CI smoke)")
+    parser.add_argument("--seconds", type=float, default=20.0, help="idle window")
+    parser.add_argument("--settle", type=float, default=3.0, help="wait before the window")
+    parser.add_argument("--cores", type=int, default=1, help="cores Ray is pinned to")
+    return parser.parse_args()
+
+
+if __name__ == "__main__":
+    main()
