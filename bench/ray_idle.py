@@ -61,17 +61,16 @@ class _Identity:
 
 def cpu_seconds_by_process(root: int) -> dict[int, tuple[str, float]]:
     """{pid: (kind, user + system CPU seconds)} of `root` and every process below it."""
+    stats = {int(name): _stat_fields(int(name)) for name in os.listdir("/proc") if name.isdigit()}
     children: dict[int, list[int]] = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            fields = _stat_fields(int(name))
-            if fields:
-                children.setdefault(int(fields[1]), []).append(int(name))
+    for pid, fields in stats.items():
+        if fields:
+            children.setdefault(int(fields[1]), []).append(pid)
     result, pending = {}, [root]
     while pending:
         pid = pending.pop()
         pending.extend(children.get(pid, []))
-        fields = _stat_fields(pid)
+        fields = stats.get(pid)
         if fields:
             result[pid] = (_kind(pid, root), (int(fields[11]) + int(fields[12])) / CLOCK_TICKS)
     return result
