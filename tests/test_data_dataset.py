@@ -11,7 +11,7 @@ from PIL import Image
 
 from raysseg.config import DataConfig
 from raysseg.data import io
-from raysseg.data.dataset import StageDataset, build_stage_dataset, collate
+from raysseg.data.dataset import StageDataset, build_stage_dataset, build_train_loader, collate
 from raysseg.data.records import DataError, Record
 
 NUM_CLASSES = 4
@@ -133,3 +133,40 @@ def test_build_from_config_and_bad_mode(tmp_path):
     assert dataset[0]["image"].shape == (3, 12, 12)
     with pytest.raises(ValueError, match="mode"):
         StageDataset(records, mode="test", num_classes=NUM_CLASSES)
+
+
+def _epoch_crops(dataset, epoch, loader=None):
+    """The crops of one epoch by image id: `loader` reused (persistent workers) or a new one."""
+    if loader is None:
+        loader, sampler = _loader(dataset)
+    else:
+        sampler = loader.sampler
+    # What the training loop does each epoch. The dataset's epoch is set too, as train.py did
+    # before: it stays in the main process, so only the sampler can take the epoch to the workers.
+    sampler.set_epoch(epoch)
+    dataset.set_epoch(epoch)
+    crops = {}
+    for batch in loader:
+        crops.update(zip(batch["image_id"], batch["image"], strict=True))
+    return crops, loader
+
+
+def _loader(dataset):
+    # The training loader as train.py builds it: two persistent worker processes.
+    return build_train_loader(
+        dataset, [len(dataset)], batch_size=2, num_workers=2, seed=3, rank=0, world_size=1
+    )
+
+
+def test_worker_processes_draw_new_crops_each_epoch_and_replay_an_epoch(tmp_path):
+    dataset = _dataset(_records(tmp_path, 4), "train")
+    first, loader = _epoch_crops(dataset, 0)
+    second, _ = _epoch_crops(dataset, 1, loader)  # the same persistent workers, next epoch
+    assert set(first) == set(second) == {"im0", "im1", "im2", "im3"}
+    assert all(not torch.equal(first[key], second[key]) for key in first)
+    # A replayed epoch (a restarted Ray Train worker builds a new loader) draws the same crops,
+    # and they are the crops of direct indexing: one (seed, epoch, index) rule for both.
+    replay, _ = _epoch_crops(dataset, 0)
+    assert all(torch.equal(first[key], replay[key]) for key in first)
+    dataset.set_epoch(1)
+    assert torch.equal(second["im2"], dataset[2]["image"])

@@ -6,15 +6,19 @@
 - "eval":   the full image, no augmentation, + the ground-truth mask (`mask_uri`).
 
 Augmentation randomness comes from a numpy Generator seeded with (seed, epoch, index): an item is
-the same whichever DataLoader worker decodes it, and a resumed epoch replays exactly.
+the same whichever DataLoader worker decodes it, and a resumed epoch replays exactly. Training
+loaders (`build_train_loader`) index the dataset with (epoch, index) pairs from an `EpochSampler`:
+the sampler runs in the main process, so the epoch reaches the worker processes with each index,
+also when they are persistent and their copy of the dataset never sees `set_epoch`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
 from raysseg.config import DataConfig
 from raysseg.data import io
@@ -58,16 +62,20 @@ class StageDataset(torch.utils.data.Dataset):
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
-        """Call before each epoch (in the main process, before iterating the DataLoader)."""
+        """The epoch of plain integer indices. DataLoader workers hold their own copy of the
+        dataset, so loaders pass the epoch in the index instead (`EpochSampler`)."""
         self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def item_rng(self, index: int) -> np.random.Generator:
-        return np.random.default_rng([self.seed, self.epoch, index])
+    def item_rng(self, epoch: int, index: int) -> np.random.Generator:
+        """The one rule for an item's augmentation: a function of (seed, epoch, index) only."""
+        return np.random.default_rng([self.seed, epoch, index])
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        """`dataset[index]` (at `self.epoch`) or `dataset[epoch, index]` (what loaders pass)."""
+        epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
         record = self.records[index]
         image = io.read_image(record.image_uri)
         item = {
@@ -77,7 +85,7 @@ class StageDataset(torch.utils.data.Dataset):
         if self.mode == "eval":
             item.update(self._eval_item(record, image))
         else:
-            item.update(self._train_item(record, image, self.item_rng(index)))
+            item.update(self._train_item(record, image, self.item_rng(epoch, index)))
         return item
 
     def _eval_item(self, record: Record, image: np.ndarray) -> dict:
@@ -212,6 +220,67 @@ class BlockShuffleSampler(torch.utils.data.Sampler[int]):
                     return
 
 
+class EpochSampler(torch.utils.data.Sampler[tuple[int, int]]):
+    """Yields (epoch, index) for each index of `sampler`: the epoch travels with the index.
+
+    DataLoader workers decode from their own copy of the dataset, made when they start (pickled
+    under spawn, copied on write under fork) and kept for the whole run with persistent workers;
+    `set_epoch` on the main process's dataset never reaches it. The sampler runs in the main
+    process and its indices are sent to the workers for every batch, so they always see the epoch.
+    """
+
+    def __init__(self, sampler: BlockShuffleSampler) -> None:
+        self.sampler = sampler
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.sampler.epoch
+        return ((epoch, index) for index in self.sampler)
+
+
+def build_train_loader(
+    dataset: StageDataset,
+    group_sizes: Sequence[int],
+    batch_size: int,
+    num_workers: int,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+) -> tuple[DataLoader, EpochSampler]:
+    """The training DataLoader of one rank and its sampler (call `sampler.set_epoch` each epoch).
+
+    Every epoch draws new crops in the workers, and a replayed epoch draws the same ones.
+    """
+    # Equal steps on every rank (DDP): drop the tail once there is at least one batch per rank.
+    drop_last = len(dataset) >= world_size * batch_size
+    sampler = EpochSampler(
+        BlockShuffleSampler(
+            group_sizes,
+            rank=rank,
+            world_size=world_size,
+            seed=seed,
+            shuffle=True,
+            drop_last=drop_last,
+        )
+    )
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=collate,
+        drop_last=drop_last,
+        # Workers start once per stage, not per epoch: the epoch reaches them through the sampler.
+        persistent_workers=num_workers > 0,
+    )
+    return loader, sampler
+
+
 def collate(items: list[dict]) -> dict:
     """Stack tensors key by key; strings become lists. Eval images differ in size: batch size 1."""
     batch: dict = {}
@@ -230,4 +299,12 @@ def collate(items: list[dict]) -> dict:
     return batch
 
 
-__all__ = ["MODES", "BlockShuffleSampler", "StageDataset", "build_stage_dataset", "collate"]
+__all__ = [
+    "MODES",
+    "BlockShuffleSampler",
+    "EpochSampler",
+    "StageDataset",
+    "build_stage_dataset",
+    "build_train_loader",
+    "collate",
+]

@@ -24,7 +24,7 @@ from ray.train.torch import TorchTrainer
 from torch.utils.data import DataLoader
 
 from raysseg.config import Config, from_dict, to_dict
-from raysseg.data.dataset import BlockShuffleSampler, build_stage_dataset, collate
+from raysseg.data.dataset import EpochSampler, build_stage_dataset, build_train_loader, collate
 from raysseg.data.records import ManifestRows
 from raysseg.distributed.placement import require_custom_resources, train_worker_resources
 from raysseg.distributed.storage import train_storage, uri_in_storage
@@ -131,8 +131,9 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
         # The global torch RNG (Dropout2d) restarts from (seed, epoch, rank) every epoch, so an epoch
         # replayed after a worker crash draws the same masks as in an uninterrupted run.
         torch.manual_seed(epoch_seed(config.optim.seed, epoch, rank))
+        # The sampler tags each index with the epoch, so the (persistent) DataLoader workers draw
+        # this epoch's crops; the dataset's own epoch only serves plain integer indices.
         sampler.set_epoch(epoch)
-        loader.dataset.set_epoch(epoch)
         metrics = train_one_epoch(
             ddp_model,
             optimizer,
@@ -160,31 +161,22 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
 
 def _train_loader(
     config: Config, spec: StageSpec, rank: int, world_size: int
-) -> tuple[DataLoader, BlockShuffleSampler]:
+) -> tuple[DataLoader, EpochSampler]:
     # The manifest is indexed by row group, never listed: each worker holds one group at a time.
     records = ManifestRows(spec.train_manifest)
     mode = "warmup" if spec.mode == "warmup" else "train"
     dataset = build_stage_dataset(
         records, mode, config.data, config.model.num_classes, config.optim.seed
     )
-    sampler = BlockShuffleSampler(
+    return build_train_loader(
+        dataset,
         records.group_sizes(),
+        batch_size=config.optim.batch_size,
+        num_workers=config.data.num_workers,
+        seed=config.optim.seed,
         rank=rank,
         world_size=world_size,
-        seed=config.optim.seed,
-        shuffle=True,
-        drop_last=len(dataset) >= world_size * config.optim.batch_size,
     )
-    loader = DataLoader(
-        dataset,
-        batch_size=config.optim.batch_size,
-        sampler=sampler,
-        num_workers=config.data.num_workers,
-        collate_fn=collate,
-        drop_last=len(dataset) >= world_size * config.optim.batch_size,
-        persistent_workers=config.data.num_workers > 0,
-    )
-    return loader, sampler
 
 
 def _mean_across_workers(metrics: dict[str, float], device: torch.device) -> dict[str, float]:
