@@ -56,8 +56,17 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_for_training(args: argparse.Namespace) -> Config:
+    """`_load_for_ray` plus the weights choice: a run on random weights only when asked for."""
+    from raysseg.model.weights import check_pretrained
+
+    config = _load_for_ray(args)
+    check_pretrained(config.model)
+    return config
+
+
 def _cmd_pipeline(args: argparse.Namespace) -> int:
-    config = _load_for_ray(args)  # before importing Ray: config errors come first
+    config = _load_for_training(args)  # before importing Ray: config errors come first
     from raysseg.distributed.pipeline import run_pipeline
     from raysseg.distributed.session import ray_session
 
@@ -67,7 +76,7 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    config = _load_for_ray(args)  # before importing Ray: config errors come first
+    config = _load_for_training(args)  # before importing Ray: config errors come first
     from raysseg.distributed.pipeline import run_single_step
     from raysseg.distributed.session import ray_session
 
@@ -90,7 +99,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     from raysseg.tune_space import load_space
 
     # Config and space are checked before Ray starts: a wrong key fails in seconds, no trial runs.
-    config = _load_for_ray(args)
+    config = _load_for_training(args)
     space = load_space(args.space, config)
     if args.trials < 1:
         raise ConfigError(f"--trials: need at least 1, got {args.trials}")
@@ -149,6 +158,26 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     checked = ", ".join(f"{count} {what}" for what, count in sorted(tally.items()))
     print(f"verify {args.run_dir}: {problems} problem(s); checked {checked or 'nothing'}")
     return 1 if problems else 0
+
+
+def _cmd_weights_inspect(args: argparse.Namespace) -> int:
+    from raysseg.model.weights import WeightsError, describe_inspection, inspect_weights
+
+    try:
+        weights, match = inspect_weights(
+            args.file, args.backbone, output_stride=args.output_stride, small_width=args.small_width
+        )
+    except FileNotFoundError as error:
+        print(f"raysseg weights inspect: {error}", file=sys.stderr)
+        return 2
+    except WeightsError as error:  # unreadable, corrupt or truncated: a load would fail too
+        print(f"raysseg weights inspect: {error}", file=sys.stderr)
+        return 1
+    except ValueError as error:  # a backbone / output stride combination that does not exist
+        print(f"raysseg weights inspect: {error}", file=sys.stderr)
+        return 2
+    print(describe_inspection(weights, match))
+    return 0 if match.ok else 1
 
 
 def _add_ray_arguments(parser: argparse.ArgumentParser) -> None:
@@ -228,6 +257,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     verify.add_argument("run_dir", help="the run directory (path or URI)")
     verify.set_defaults(run=_cmd_verify)
+
+    weights = commands.add_parser("weights", help="backbone weights files")
+    weights_commands = weights.add_subparsers(dest="weights_command", required=True)
+    inspect = weights_commands.add_parser(
+        "inspect", help="how a weights file fits a backbone: matched, missing, unexpected keys"
+    )
+    inspect.add_argument("file", help="weights file (path or URI): .pth / .pt / .params")
+    # Names are checked by build_backbone (exit 2 naming the known ones): one list of them.
+    inspect.add_argument("--backbone", required=True, help="resnet38d, resnet50, small, ...")
+    inspect.add_argument("--output-stride", type=int, default=8, choices=(8, 16))
+    inspect.add_argument("--small-width", type=int, default=64, help="width of backbone 'small'")
+    inspect.set_defaults(run=_cmd_weights_inspect)
 
     demo = commands.add_parser("demo", help="synthetic data, local Ray, 3-stage pipeline, report")
     demo.add_argument("--out", default="runs/demo")

@@ -94,7 +94,7 @@ def test_cam_uses_the_classifier_weights_and_gap_gives_the_logits_in_eval() -> N
 
 
 def test_resnet38d_shape_and_channels() -> None:
-    backbone = build_backbone("resnet38d").eval()
+    backbone = build_backbone("resnet38d", pretrained=None).eval()
     assert backbone.out_channels == 4096 and backbone.output_stride == 8
     with torch.no_grad():
         features = backbone(torch.randn(1, 3, 65, 65))
@@ -104,7 +104,7 @@ def test_resnet38d_shape_and_channels() -> None:
 
 @pytest.mark.parametrize(("output_stride", "size"), [(8, 9), (16, 5)])
 def test_resnet50_dilated_shapes(output_stride: int, size: int) -> None:
-    backbone = build_backbone("resnet50", output_stride=output_stride).eval()
+    backbone = build_backbone("resnet50", output_stride=output_stride, pretrained=None).eval()
     assert backbone.out_channels == 2048 and backbone.output_stride == output_stride
     with torch.no_grad():
         features = backbone(torch.randn(1, 3, 65, 65))
@@ -125,7 +125,7 @@ def test_bad_backbone_arguments_are_named() -> None:
 
 
 def test_batch_norm_and_first_conv_are_frozen() -> None:
-    backbone = build_backbone("resnet50")
+    backbone = build_backbone("resnet50", pretrained=None)
     frozen = set(backbone.frozen_parameter_names())
     for module_name, module in backbone.named_modules():
         if isinstance(module, _BatchNorm) or module_name == "conv1":
@@ -138,7 +138,7 @@ def test_batch_norm_and_first_conv_are_frozen() -> None:
 
 
 def test_batch_norm_stays_in_eval_after_train() -> None:
-    backbone = build_backbone("resnet50")
+    backbone = build_backbone("resnet50", pretrained=None)
     backbone.train()
     batch_norms = [m for m in backbone.modules() if isinstance(m, _BatchNorm)]
     assert batch_norms and all(not m.training for m in batch_norms)
@@ -518,14 +518,17 @@ def test_weights_of_a_whole_model_load_into_the_backbone(tmp_path) -> None:
     )
 
 
-def test_missing_and_unexpected_keys_are_reported(tmp_path) -> None:
+def test_unexpected_keys_are_reported_and_a_missing_key_is_an_error(tmp_path) -> None:
     state = build_backbone("small", small_width=8).state_dict()
     state["fc.weight"] = torch.zeros(2)
-    del state["blocks.3.0.weight"]
-    path = tmp_path / "partial.pt"
+    path = tmp_path / "extra.pt"
     torch.save(state, path)
-    missing, unexpected = load_backbone_weights(build_backbone("small", small_width=8), str(path))
-    assert missing == ["blocks.3.0.weight"] and unexpected == ["fc.weight"]
+    match = load_backbone_weights(build_backbone("small", small_width=8), str(path))
+    assert match.missing == [] and match.unexpected == ["fc.weight"]
+    del state["blocks.3.0.weight"]
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=r"extra\.pt.*missing.*blocks\.3\.0\.weight"):
+        load_backbone_weights(build_backbone("small", small_width=8), str(path))
 
 
 def test_missing_or_bad_weights_files_are_named(tmp_path) -> None:

@@ -6,26 +6,31 @@ batches (4 crops) are far too small to estimate statistics, so the pretrained on
 The first convolution of the ResNets is frozen as well (it sees raw pixels; fine-tuning it on a few
 thousand images only hurts).
 
-Pretrained weights are read only from a file or URI the user names; `pretrained="torchvision"` asks
-torchvision's weights API explicitly (network access), and nothing is ever fetched silently.
+Weights files and the meaning of `pretrained` belong to `raysseg.model.weights`: a file or URI the
+user names, `"torchvision"` (torchvision's weights API, network access, only when asked), `"none"`
+(random on purpose), empty (the backbone's default), or None (nothing loaded: weights come later).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from raysseg.data import io as data_io
+from raysseg.model.weights import (
+    WeightsFile,
+    load_backbone_weights,
+    load_pretrained,
+    load_state,
+    read_state_dict,
+)
 
 logger = logging.getLogger(__name__)
 
-BACKBONE_NAMES = ("resnet38d", "resnet50", "resnet101", "small")
+BACKBONE_NAMES = ("resnet38d", "resnet50", "resnet101", "efficientnet_lite0", "small")
 
 
 class Backbone(nn.Module):
@@ -242,8 +247,7 @@ class DilatedResNet(Backbone):
             else torchvision.models.ResNet101_Weights
         )
         state = enum.IMAGENET1K_V1.get_state_dict(progress=True)
-        result = self.load_state_dict(state, strict=False)
-        _report_keys("torchvision", result.missing_keys, result.unexpected_keys)
+        load_state(self, WeightsFile(f"torchvision {enum.__name__}", "torchvision", state))
 
 
 # --------------------------------------------------------------------------------------------
@@ -303,11 +307,13 @@ class SmallBackbone(Backbone):
 
 
 def build_backbone(
-    name: str, output_stride: int = 8, pretrained: str = "", small_width: int = 64
+    name: str, output_stride: int = 8, pretrained: str | None = "", small_width: int = 64
 ) -> Backbone:
-    """Build a backbone, load weights from `pretrained` (path, URI or "torchvision"), freeze it.
+    """Build a backbone, apply `pretrained` (`raysseg.model.weights.load_pretrained`), freeze it.
 
-    name: resnet38d | resnet50 | resnet101 | small. resnet38d and small have output stride 8 only.
+    name: one of BACKBONE_NAMES; resnet38d and small have output stride 8 only. pretrained: a path
+    or URI, "torchvision", "none" (random, warned), "" (the backbone's default weights; an error for
+    the ResNets) or None (nothing loaded and nothing said: rebuilding from a checkpoint).
     """
     if name in ("resnet38d", "small") and output_stride != 8:
         raise ValueError(f"backbone '{name}' supports output_stride 8 only, got {output_stride}")
@@ -317,79 +323,18 @@ def build_backbone(
         backbone = DilatedResNet(
             depth=int(name.removeprefix("resnet")), output_stride=output_stride
         )
+    elif name == "efficientnet_lite0":
+        from raysseg.model.efficientnet import EfficientNetLite0  # lazily: it imports this module
+
+        backbone = EfficientNetLite0(output_stride=output_stride)
     elif name == "small":
         backbone = SmallBackbone(width=small_width)
     else:
         raise ValueError(f"unknown backbone '{name}' (known: {', '.join(BACKBONE_NAMES)})")
     backbone.build_args = {"name": name, "output_stride": output_stride, "small_width": small_width}
-    if pretrained == "torchvision":
-        if not isinstance(backbone, DilatedResNet):
-            raise ValueError(
-                f"pretrained='torchvision' is only for resnet50/resnet101, not '{name}'"
-            )
-        backbone.load_torchvision_weights()
-    elif pretrained:
-        load_backbone_weights(backbone, pretrained)
+    load_pretrained(backbone, name, pretrained)
     backbone.freeze()
     return backbone
-
-
-def read_state_dict(source: str) -> dict[str, Tensor]:
-    """Read a torch state dict from a local path or a URI (pyarrow.fs), with weights_only=True."""
-    try:
-        payload = data_io.seekable_source(os.path.expanduser(source))
-    except FileNotFoundError as error:
-        raise FileNotFoundError(f"pretrained weights '{source}': no such file") from error
-    try:
-        loaded = torch.load(payload, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several types for corrupt or pickled files
-        raise ValueError(
-            f"pretrained weights '{source}': not a torch state dict ({error})"
-        ) from error
-    # Training checkpoints often wrap the weights.
-    for wrapper_key in ("state_dict", "model"):
-        if isinstance(loaded, dict) and isinstance(loaded.get(wrapper_key), dict):
-            loaded = loaded[wrapper_key]
-    if not isinstance(loaded, dict) or not all(isinstance(v, Tensor) for v in loaded.values()):
-        raise ValueError(f"pretrained weights '{source}': expected a mapping of names to tensors")
-    return loaded
-
-
-def _strip_prefixes(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Drop a DistributedDataParallel 'module.' prefix; keep only a whole model's backbone keys."""
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    if any(k.startswith("backbone.") for k in state):
-        state = {
-            k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")
-        }
-    return state
-
-
-def load_backbone_weights(backbone: nn.Module, source: str) -> tuple[list[str], list[str]]:
-    """Load weights into `backbone`; returns (missing, unexpected) keys, which are also logged."""
-    state = _strip_prefixes(read_state_dict(source))
-    if not set(state) & set(backbone.state_dict()):
-        first = ", ".join(list(state)[:5])
-        raise ValueError(
-            f"pretrained weights '{source}': no key matches the backbone (file starts with {first})"
-        )
-    try:
-        result = backbone.load_state_dict(state, strict=False)
-    except RuntimeError as error:  # shape mismatches
-        raise ValueError(f"pretrained weights '{source}': {error}") from error
-    _report_keys(source, result.missing_keys, result.unexpected_keys)
-    return list(result.missing_keys), list(result.unexpected_keys)
-
-
-def _report_keys(source: str, missing: list[str], unexpected: list[str]) -> None:
-    if missing:
-        logger.warning(
-            "pretrained weights '%s': %d missing keys: %s", source, len(missing), missing
-        )
-    if unexpected:
-        logger.warning(
-            "pretrained weights '%s': %d unexpected keys: %s", source, len(unexpected), unexpected
-        )
 
 
 __all__ = [

@@ -186,7 +186,7 @@ class AuxSegNet(nn.Module):
 
 
 def build_model(model_config: ModelConfig) -> AuxSegNet:
-    """AuxSegNet from the `model` config section (loads `pretrained` backbone weights if named)."""
+    """AuxSegNet from the `model` config section; `pretrained` as in `weights.load_pretrained`."""
     backbone = build_backbone(
         model_config.backbone,
         output_stride=model_config.output_stride,
@@ -217,8 +217,12 @@ def build_model_from_args(args: dict[str, Any]) -> AuxSegNet:
     missing = sorted(set(MODEL_ARG_KEYS) - set(args))
     if unknown or missing:
         raise ValueError(f"model args: unknown keys {unknown}, missing keys {missing}")
+    # pretrained=None: the caller loads the checkpoint's weights, so nothing is read or warned here.
     backbone = build_backbone(
-        args["backbone"], output_stride=args["output_stride"], small_width=args["small_width"]
+        args["backbone"],
+        output_stride=args["output_stride"],
+        pretrained=None,
+        small_width=args["small_width"],
     )
     return AuxSegNet(
         backbone,
