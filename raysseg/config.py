@@ -27,9 +27,11 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    backbone: str = "resnet38d"  # resnet38d | resnet50 | resnet101 | small
-    output_stride: int = 8  # 8 or 16 (torchvision resnets); resnet38d and small are 8
-    pretrained: str = ""  # path or URI of a weights file; "torchvision" asks torchvision (network)
+    backbone: str = "resnet38d"  # resnet38d | resnet50 | resnet101 | efficientnet_lite0 | small
+    output_stride: int = 8  # 8 or 16 (resnets, efficientnet_lite0); resnet38d and small are 8
+    # Backbone weights: a path or URI (.pth / .params / raysseg checkpoint), "torchvision" (resnet50/101,
+    # network), "none" (random, on purpose); empty: the backbone's default, refused for the ResNets.
+    pretrained: str = ""
     num_classes: int = 21  # including background
     affinity_temperature: float = 1.0  # divides theta.phi^T before the row softmax
     affinity_memory_mb: int = 256  # budget for N x N tensors at inference (chunked products)
@@ -43,11 +45,18 @@ class DataConfig:
     train_split: str = "train_aug"
     val_split: str = "val"
     class_names: str = ""  # file with one class name per line; "" = the source's default
-    labels_file: str = ""  # folder source: CSV/Parquet of image labels
+    # Image labels: CSV/Parquet `image_id,labels` (folder source; VOC too) or PSA/AuxSegNet's
+    # cls_labels.npy (VOC). Given for VOC, it is the label source of every training image.
+    labels_file: str = ""
+    # GT masks <id>.png (e.g. SegmentationClassAug), relative to root or a path/URI;
+    # "" = VOC's SegmentationClass (folder source: no masks)
+    mask_dir: str = ""
     coco_annotations: str = ""  # COCO: instances_*.json of the train split
     coco_val_annotations: str = ""
-    saliency: str = "u2netp"  # folder | u2netp | spectral
-    saliency_dir: str = ""  # folder of grey PNGs (saliency=folder)
+    # auto = the folder (saliency_dir, or root/saliency for VOC) when there is one, else u2netp
+    saliency: str = "auto"  # auto | folder | u2netp | spectral
+    saliency_dir: str = ""  # folder of grey PNGs <id>.png (saliency=folder / auto)
+    saliency_model: str = ""  # saliency=u2netp: an ONNX file; "" = rembg's packaged u2netp.onnx
     subset: int = 0  # use only the first N training records (0 = all)
     crop_size: int = 321
     scale_min: float = 0.7
@@ -170,10 +179,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 _CHOICES: dict[str, tuple[Any, ...]] = {
-    "model.backbone": ("resnet38d", "resnet50", "resnet101", "small"),
+    "model.backbone": ("resnet38d", "resnet50", "resnet101", "efficientnet_lite0", "small"),
     "model.output_stride": (8, 16),
     "data.source": ("voc", "coco", "folder"),
-    "data.saliency": ("folder", "u2netp", "spectral"),
+    "data.saliency": ("auto", "folder", "u2netp", "spectral"),
     "eval.fuse": ("max", "mean"),
     "resources.crf_placement": ("auto", "tasks", "actors"),
 }

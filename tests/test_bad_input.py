@@ -16,6 +16,7 @@ import hashlib
 import io as pyio
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -284,6 +285,42 @@ def test_missing_file_listed_in_a_split_names_id_and_path(voc: Path) -> None:
         list(voc_records(str(voc), "train"))
 
 
+def test_cls_labels_npy_lacking_an_id_of_the_split_names_file_and_id(voc: Path) -> None:
+    # PSA/AuxSegNet's cls_labels.npy: image id -> 0/1 vector of the C-1 = 5 foreground classes.
+    ids = (voc / "ImageSets" / "Segmentation" / "train.txt").read_text().split()
+    vectors = {image_id: np.eye(5, dtype=np.float32)[0] for image_id in ids if image_id != ids[3]}
+    np.save(voc / "cls_labels.npy", vectors)
+    labels_file = str(voc / "cls_labels.npy")
+    with pytest.raises(DataError, match=rf"cls_labels\.npy' has no entry for image '{ids[3]}'"):
+        list(voc_records(str(voc), "train", labels_file=labels_file))
+    # Vectors of another length than the classes name the file, the id and the length.
+    np.save(voc / "cls_labels.npy", {image_id: np.ones(20, np.float32) for image_id in ids})
+    with pytest.raises(DataError, match=rf"cls_labels\.npy', image '{ids[0]}'.*\(20,\).*length 5"):
+        list(voc_records(str(voc), "train", labels_file=labels_file))
+
+
+def test_onnx_file_that_is_not_a_saliency_net_stops_the_run_before_work(voc, tmp_path) -> None:
+    from onnx_helpers import classifier_onnx, three_channel_onnx
+
+    from raysseg.distributed.pipeline import resolve_run_config  # needs no running Ray
+
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"\x08\x07 this is not a protobuf")
+    cases = [
+        (classifier_onnx(tmp_path / "classifier.onnx"), r"found inputs \[x: \('N', 10\)"),
+        (three_channel_onnx(tmp_path / "rgb.onnx"), r"outputs \[y: \('N', 3, 'H', 'W'\)"),
+        (garbage, "is not an ONNX model onnxruntime can load"),
+        (tmp_path / "missing.onnx", "does not exist"),
+    ]
+    for model, message in cases:
+        config = tiny_config(
+            voc, tmp_path / "run", "data.saliency=u2netp", f"data.saliency_model={model}"
+        )
+        with pytest.raises(DataError, match=rf"saliency model '{model}'.*{message}"):
+            resolve_run_config(config, log=lambda line: None)
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
 def test_non_utf8_split_file_names_the_file_and_line(voc: Path) -> None:
     split = voc / "ImageSets" / "Segmentation" / "train.txt"
     split.write_bytes(split.read_bytes() + b"caf\xe9_001\n")
@@ -365,6 +402,25 @@ def test_run_directory_written_by_another_config_is_refused_and_kept(voc, tmp_pa
         prepare_run_dir(tiny_config(voc, run, "optim.lr=0.5"))
     assert (run / "config.yaml").read_text() == saved  # nothing overwritten
     prepare_run_dir(tiny_config(voc, run, "resources.refine_actors=2"))  # resources may change
+
+
+def test_auto_saliency_resumes_and_refuses_a_run_whose_prior_would_change(voc, tmp_path) -> None:
+    from raysseg.distributed.pipeline import prepare_run_dir, resolve_run_config
+
+    shutil.move(voc / "saliency", tmp_path / "maps")  # no saliency folder: auto = u2netp
+    auto = ("data.saliency=auto", "data.saliency_dir=")
+    lines: list[str] = []
+    first = resolve_run_config(tiny_config(voc, tmp_path / "run", *auto), lines.append)
+    prepare_run_dir(first)
+    assert first.data.saliency == "u2netp" and lines[-1].startswith("saliency prior: u2netp ")
+    assert "saliency: u2netp" in (tmp_path / "run" / "config.yaml").read_text()  # the resolved
+    prepare_run_dir(resolve_run_config(tiny_config(voc, tmp_path / "run", *auto), print))
+    # The maps appear: the same command would now use them, so the run directory is refused.
+    shutil.move(tmp_path / "maps", voc / "saliency")
+    again = resolve_run_config(tiny_config(voc, tmp_path / "run", *auto), lines.append)
+    assert lines[-1] == f"saliency prior: folder {voc / 'saliency'}"
+    with pytest.raises(ConfigError, match=r"differs in data\.saliency, data\.saliency_dir"):
+        prepare_run_dir(again)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -105,14 +105,121 @@ def test_voc_default_class_names():
 def test_voc_records_labels_file_when_mask_absent(tmp_path):
     _write_voc(tmp_path, {"a": _mask([3]), "b": None, "c": None})
     labels_csv = tmp_path / "labels.csv"
-    labels_csv.write_text("image_id,labels\nb,person dog\nc,5\n")
+    labels_csv.write_text("image_id,labels\na,cat\nb,person dog\nc,5\n")
     records = list(voc_records(str(tmp_path), "train", labels_file=str(labels_csv)))
-    assert [r.labels for r in records] == [(3,), (12, 15), (5,)]
-    assert records[1].mask_uri == ""
-    # A mask-less image missing from the labels file is an error naming the image.
-    labels_csv.write_text("image_id,labels\nb,person\n")
-    with pytest.raises(DataError, match="'c'"):
+    # With a labels file, labels come from it (cat = 8, not the mask's 3); masks stay for scoring.
+    assert [r.labels for r in records] == [(8,), (12, 15), (5,)]
+    assert records[0].mask_uri.endswith("SegmentationClass/a.png") and records[1].mask_uri == ""
+    # A split id missing from the labels file is an error naming the file and the id.
+    labels_csv.write_text("image_id,labels\na,cat\nb,person\n")
+    with pytest.raises(DataError, match=r"labels\.csv' has no entry for image 'c'"):
         list(voc_records(str(tmp_path), "train", labels_file=str(labels_csv)))
+    # Without one, a mask-less image is an error naming the image and the missing mask.
+    with pytest.raises(DataError, match=r"'b'.*no mask.*SegmentationClass/b\.png"):
+        list(voc_records(str(tmp_path), "train"))
+    # Validation keeps only the images with a mask, labelled from it; the labels file is unused.
+    (val,) = voc_records(str(tmp_path), "train", labels_file="unused.csv", masks_only=True)
+    assert val.image_id == "a" and val.labels == (3,)
+
+
+def test_voc_train_aug_masks_from_a_named_mask_folder(tmp_path):
+    _write_voc(tmp_path, {"a": None, "b": None})
+    aug = tmp_path / "SegmentationClassAug"
+    aug.mkdir()
+    io.write_png_atomic(str(aug / "a.png"), _mask([7]), io.voc_palette())
+    io.write_png_atomic(str(aug / "b.png"), _mask([0, 12]), io.voc_palette())
+    records = list(voc_records(str(tmp_path), "train", mask_dir="SegmentationClassAug"))
+    assert [r.labels for r in records] == [(7,), (12,)]
+    assert records[0].mask_uri == str(aug / "a.png")
+    # An absolute folder works the same way.
+    records = list(voc_records(str(tmp_path), "train", mask_dir=str(aug)))
+    assert [r.mask_uri for r in records] == [str(aug / "a.png"), str(aug / "b.png")]
+
+
+def test_voc_two_column_split_names_image_and_mask(tmp_path):
+    # PSA / AuxSegNet / SBD train_aug.txt: image path, mask path, both relative to the root.
+    _write_voc(
+        tmp_path,
+        {"2007_000032": None, "2007_000039": None, "2007_000063": _mask([4])},
+        split_ids=[
+            "/JPEGImages/2007_000032.jpg /SegmentationClassAug/2007_000032.png",
+            "/JPEGImages/2007_000039.jpg /SegmentationClassAug/2007_000039.png",
+            "2007_000063",  # one-column lines keep working, also mixed in
+        ],
+    )
+    aug = tmp_path / "SegmentationClassAug"
+    aug.mkdir()
+    io.write_png_atomic(str(aug / "2007_000032.png"), _mask([1, 15]), io.voc_palette())
+    labels = _cls_labels({"2007_000032": (1, 15), "2007_000039": (2,), "2007_000063": (4,)})
+    np.save(tmp_path / "cls_labels.npy", labels)
+    # 2007_000039's listed mask is not there: it is trained on (labels from the file), unscored.
+    labels_file = str(tmp_path / "cls_labels.npy")
+    records = list(voc_records(str(tmp_path), "train", labels_file=labels_file))
+    assert [r.image_id for r in records] == ["2007_000032", "2007_000039", "2007_000063"]
+    assert [r.labels for r in records] == [(1, 15), (2,), (4,)]
+    assert records[0].mask_uri == str(aug / "2007_000032.png")
+    assert records[1].mask_uri == ""
+    assert records[2].mask_uri.endswith("SegmentationClass/2007_000063.png")
+    assert records[0].image_uri.endswith("JPEGImages/2007_000032.jpg")
+
+
+# ----------------------------------------------------------------------------------------------
+# cls_labels.npy (PSA / AuxSegNet image labels)
+
+
+def _cls_labels(labels: dict[str, tuple[int, ...]], length: int = 20) -> dict[str, np.ndarray]:
+    """The file's content: image id -> float32 0/1 vector, index c-1 for class c."""
+    vectors = {}
+    for image_id, present in labels.items():
+        vector = np.zeros(length, np.float32)
+        vector[[c - 1 for c in present]] = 1.0
+        vectors[image_id] = vector
+    return vectors
+
+
+def test_cls_labels_npy_reads_as_psa_writes_it(tmp_path):
+    path = tmp_path / "cls_labels.npy"
+    np.save(path, _cls_labels({"2007_000032": (1, 15), "2007_000039": (), "2008_000002": (20,)}))
+    table = records.read_cls_labels(str(path), 21)
+    assert table == {"2007_000032": (1, 15), "2007_000039": (), "2008_000002": (20,)}
+    assert records.read_labels_table(str(path), VOC_CLASS_NAMES) == table
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (Path.write_text, (Path("never-written"), "x"))
+
+
+def test_cls_labels_npy_never_runs_pickled_code(tmp_path):
+    path = tmp_path / "cls_labels.npy"
+    np.save(path, np.array({"a": _RunsCode()}, dtype=object), allow_pickle=True)
+    with pytest.raises(DataError, match=r"cls_labels\.npy'.*refused to load global 'pathlib"):
+        records.read_cls_labels(str(path), 21)
+    assert not Path("never-written").exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (np.zeros((3, 20), np.float32), r"expected a pickled dict.*float32 and shape \(3, 20\)"),
+        (np.array(["a", "b"], dtype=object), r"expected a pickled dict.*object and shape \(2,\)"),
+        (np.array(["x"], dtype=object)[0], r"expected a dict image id -> label vector, found str"),
+        ({"2007_000032": np.ones(19)}, r"image '2007_000032': label vector of shape \(19,\)"),
+        ({"2007_000032": np.full(20, 0.5)}, r"image '2007_000032': .* not all 0 / 1"),
+    ],
+)
+def test_cls_labels_npy_that_is_not_such_a_dict_names_the_file(tmp_path, content, message):
+    path = tmp_path / "cls_labels.npy"
+    np.save(path, np.array(content, dtype=object) if isinstance(content, str) else content)
+    with pytest.raises(DataError, match=rf"labels file '{path}'.*{message}"):
+        records.read_cls_labels(str(path), 21)
+
+
+def test_cls_labels_npy_of_text_names_the_file(tmp_path):
+    path = tmp_path / "cls_labels.npy"
+    path.write_text("image_id,labels\n")
+    with pytest.raises(DataError, match=r"cls_labels\.npy': not a \.npy file"):
+        records.read_cls_labels(str(path), 21)
 
 
 def test_voc_missing_split_file_named(tmp_path):
@@ -249,6 +356,18 @@ def test_coco_81_class_mapping(tmp_path):
     assert class_names_for("coco") == list(COCO_CLASS_NAMES)
 
 
+def test_coco_category_count_must_match_num_classes(tmp_path):
+    annotation_json = tmp_path / "instances.json"
+    _coco_json(annotation_json)
+    with pytest.raises(
+        DataError, match=r"instances\.json' has 80 categories.*'model\.num_classes' is 21"
+    ):
+        list(coco_records(str(annotation_json), str(tmp_path), str(tmp_path / "m"), num_classes=21))
+    assert (
+        len(list(coco_records(str(annotation_json), str(tmp_path), str(tmp_path / "m"), 81))) == 2
+    )
+
+
 def test_coco_corrupt_json_names_file(tmp_path):
     bad = tmp_path / "broken_instances.json"
     bad.write_text('{"images": [1, 2')
@@ -280,6 +399,25 @@ def test_folder_records_csv(tmp_path):
     assert [(r.image_id, r.labels) for r in records] == [("x", (1, 2)), ("y", (2,)), ("z", ())]
     assert records[1].image_uri.endswith("img/y.png")
     assert records[2].image_uri.endswith("img/z.jpg")
+
+
+def test_folder_records_masks_where_they_exist(tmp_path):
+    _touch_images(tmp_path / "img", ["x.jpg", "y.jpg"])
+    (tmp_path / "labels.csv").write_text("image_id,labels\nx,dog\ny,cat\n")
+    (tmp_path / "masks").mkdir()
+    io.write_png_atomic(str(tmp_path / "masks" / "x.png"), np.full((4, 4), 2, np.uint8))
+    masks = str(tmp_path / "masks")
+
+    def read() -> list[Record]:
+        names = ["background", "cat", "dog"]
+        labels = str(tmp_path / "labels.csv")
+        return list(folder_records(str(tmp_path / "img"), labels, names, mask_dir=masks))
+
+    assert [r.mask_uri for r in read()] == [str(tmp_path / "masks" / "x.png"), ""]
+    # A mask with an id past the classes is refused when the records are built, naming it.
+    io.write_png_atomic(str(tmp_path / "masks" / "y.png"), np.full((4, 4), 7, np.uint8))
+    with pytest.raises(DataError, match=r"y\.png' has class id 7"):
+        read()
 
 
 def test_folder_records_parquet_and_names_file(tmp_path):

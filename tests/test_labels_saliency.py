@@ -8,9 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from onnx_helpers import saliency_onnx
 from PIL import Image
 
-from raysseg.config import DataConfig
+from raysseg.config import ConfigError, DataConfig
 from raysseg.labels.saliency import (
     CachedSaliency,
     FolderSaliency,
@@ -18,6 +19,9 @@ from raysseg.labels.saliency import (
     SpectralResidualSaliency,
     U2NetPSaliency,
     build_saliency,
+    check_saliency_onnx,
+    resolve_saliency,
+    u2netp_model_path,
 )
 from raysseg.layout import shard_of
 
@@ -127,3 +131,68 @@ def test_build_saliency_picks_the_configured_source(tmp_path: Path) -> None:
         build_saliency(DataConfig(saliency="folder", saliency_dir=""), None)
     with pytest.raises(ValueError, match=r"data\.saliency'"):
         build_saliency(DataConfig(saliency="dss"), None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Which prior a run uses ("auto"), and a user's own ONNX saliency net
+
+
+def _voc_root(tmp_path: Path, with_saliency: bool) -> Path:
+    root = tmp_path / "voc"
+    (root / "JPEGImages").mkdir(parents=True)
+    if with_saliency:
+        (root / "saliency").mkdir()
+    return root
+
+
+def test_auto_uses_the_dataset_saliency_folder_when_it_is_there(tmp_path: Path) -> None:
+    root = _voc_root(tmp_path, with_saliency=True)
+    choice = resolve_saliency(DataConfig(root=str(root)))  # data.saliency defaults to "auto"
+    assert choice.data.saliency == "folder"
+    assert choice.data.saliency_dir == str(root / "saliency")
+    assert choice.description == f"folder {root / 'saliency'}" and choice.notes == ()
+    assert isinstance(build_saliency(DataConfig(root=str(root)), None), FolderSaliency)
+    # Resolving a resolved config changes nothing (what config.yaml keeps resolves the same).
+    assert resolve_saliency(choice.data).data == choice.data
+
+
+def test_auto_without_a_folder_is_the_packaged_u2netp(tmp_path: Path) -> None:
+    root = _voc_root(tmp_path, with_saliency=False)
+    choice = resolve_saliency(DataConfig(root=str(root)))
+    assert choice.data.saliency == "u2netp" and choice.notes == ()
+    assert choice.description == f"u2netp {u2netp_model_path()}"
+    # COCO / folder sources look only at data.saliency_dir, never at root/saliency.
+    coco = _voc_root(tmp_path / "coco", with_saliency=True)
+    assert resolve_saliency(DataConfig(source="coco", root=str(coco))).data.saliency == "u2netp"
+
+
+def test_an_explicit_choice_is_kept_and_the_ignored_folder_is_said(tmp_path: Path) -> None:
+    root = _voc_root(tmp_path, with_saliency=True)
+    choice = resolve_saliency(DataConfig(root=str(root), saliency="spectral"))
+    assert choice.data.saliency == "spectral"
+    assert choice.notes == (
+        f"saliency prior: the folder {root / 'saliency'} is ignored (data.saliency=spectral)",
+    )
+    # saliency=folder without saliency_dir takes the dataset's folder.
+    folder = resolve_saliency(DataConfig(root=str(root), saliency="folder"))
+    assert folder.data.saliency_dir == str(root / "saliency")
+
+
+def test_a_named_saliency_dir_that_is_missing_is_a_config_error(tmp_path: Path) -> None:
+    for choice in ("auto", "folder"):
+        config = DataConfig(saliency=choice, saliency_dir=str(tmp_path / "no_maps"))
+        with pytest.raises(ConfigError, match=r"data\.saliency_dir': '.*no_maps' is not a folder"):
+            resolve_saliency(config)
+
+
+def test_a_users_onnx_saliency_net_is_checked_and_used(tmp_path: Path, voc_sample: dict) -> None:
+    model = saliency_onnx(tmp_path / "my_saliency.onnx", size=64)
+    assert check_saliency_onnx(model) == (64, 64)
+    config = DataConfig(saliency="u2netp", saliency_model=str(model))
+    choice = resolve_saliency(config)
+    assert choice.description == f"u2netp {model}"
+    source = build_saliency(config, None)
+    assert isinstance(source, U2NetPSaliency) and source.model_path == str(model)
+    _check_map(source(voc_sample["rgb"], "voc"), voc_sample["mask"].shape)
+    # The packaged model passes the same check (its input size is symbolic: 320 x 320 is used).
+    assert check_saliency_onnx(u2netp_model_path()) == (320, 320)

@@ -15,6 +15,7 @@ import csv
 import io as _io
 import json
 import os
+import pickle
 import posixpath
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
@@ -324,7 +325,13 @@ def _check_label_columns(row: dict, labels_file: str) -> None:
 
 
 def read_labels_table(labels_file: str, class_names: Sequence[str]) -> dict[str, tuple[int, ...]]:
-    """image_id -> labels for the (VOC) split lookup; the file is small next to the images."""
+    """image_id -> labels for the (VOC) split lookup; the file is small next to the images.
+
+    A `.npy` file is PSA/AuxSegNet's `cls_labels.npy` (`read_cls_labels`); anything else is a
+    CSV or Parquet table `image_id,labels`.
+    """
+    if labels_file.endswith(".npy"):
+        return read_cls_labels(labels_file, len(class_names))
     table: dict[str, tuple[int, ...]] = {}
     for row_number, row in _iter_label_rows(labels_file):
         _check_label_columns(row, labels_file)
@@ -337,19 +344,128 @@ def read_labels_table(labels_file: str, class_names: Sequence[str]) -> dict[str,
     return table
 
 
+# Globals a pickled dict of numpy vectors refers to (numpy 1.x and 2.x module names), and nothing
+# else: unpickling runs whatever callable a pickle names, so any other name is refused.
+_PICKLE_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("_codecs", "encode"),  # bytes in protocol-2 pickles (numpy arrays written by Python 2)
+    ("builtins", "dict"),
+    ("builtins", "str"),
+}
+
+
+class _NumpyDictUnpickler(pickle.Unpickler):
+    """Loads numpy arrays, dicts, lists, strings and numbers only.
+
+    Safe because code runs in a pickle only through the callables `find_class` hands out (REDUCE,
+    NEWOBJ, BUILD call them or their `__setstate__`): here array reconstruction, dtype and
+    scalar constructors, `codecs.encode` and the dict / str types, none of which reaches the
+    file system, imports or evaluates anything.
+    """
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in _PICKLE_GLOBALS:
+            raise pickle.UnpicklingError(f"refused to load global '{module}.{name}'")
+        if module.startswith("numpy.") and module.endswith("multiarray"):
+            from numpy._core import multiarray  # numpy 2 home of numpy.core.multiarray
+
+            return getattr(multiarray, name)
+        return super().find_class(module, name)
+
+
+def _load_pickled_dict(uri: str) -> dict:
+    """The dict that `np.save(path, dict)` wrote (a 0-d object array), through the restricted
+    unpickler; anything else is a DataError naming the file."""
+    stream = _io.BytesIO(io.read_bytes(uri))
+    try:
+        version = np.lib.format.read_magic(stream)
+        header = (
+            np.lib.format.read_array_header_1_0
+            if version == (1, 0)
+            else np.lib.format.read_array_header_2_0
+        )
+        shape, _, dtype = header(stream)
+    except ValueError as error:
+        raise DataError(f"labels file '{uri}': not a .npy file ({error})") from error
+    if dtype != np.dtype(object) or shape != ():
+        raise DataError(
+            f"labels file '{uri}': expected a pickled dict image id -> label vector "
+            f"(np.save of a dict), found an array of dtype {dtype} and shape {shape}"
+        )
+    try:
+        value = _NumpyDictUnpickler(stream).load()
+    except Exception as error:  # a refused global, a truncated or corrupt pickle
+        raise DataError(f"labels file '{uri}': cannot read its pickled dict ({error})") from error
+    value = value.item() if isinstance(value, np.ndarray) and value.shape == () else value
+    if not isinstance(value, dict):
+        raise DataError(
+            f"labels file '{uri}': expected a dict image id -> label vector, found "
+            f"{type(value).__name__}"
+        )
+    return value
+
+
+def read_cls_labels(uri: str, num_classes: int) -> dict[str, tuple[int, ...]]:
+    """PSA/AuxSegNet's `cls_labels.npy`: {"2007_000032": float (C-1,) 0/1 vector} -> image id ->
+    present fg ids (index i stands for class i + 1). Errors name the file, the id and the value."""
+    table: dict[str, tuple[int, ...]] = {}
+    for key, vector in _load_pickled_dict(uri).items():
+        image_id = key.decode("utf-8") if isinstance(key, bytes) else key
+        if not isinstance(image_id, str):
+            raise DataError(f"labels file '{uri}': image id {key!r} is not a string")
+        values = np.asarray(vector)
+        if values.ndim != 1 or values.shape[0] != num_classes - 1:
+            raise DataError(
+                f"labels file '{uri}', image '{image_id}': label vector of shape {values.shape}, "
+                f"expected length {num_classes - 1} (model.num_classes - 1)"
+            )
+        if values.dtype.kind not in "biuf" or not np.isin(values, (0, 1)).all():
+            raise DataError(
+                f"labels file '{uri}', image '{image_id}': label vector {values.tolist()} is "
+                "not all 0 / 1"
+            )
+        table[image_id] = tuple(int(i) + 1 for i in np.flatnonzero(values))
+    return table
+
+
 # ----------------------------------------------------------------------------------------------
 # VOC layout
 
 
-def _split_ids(split_file: str) -> Iterator[str]:
-    """Image ids from an ImageSets split file (first token of each line; SBD files have two)."""
+def under_root(root: str, path: str) -> str:
+    """`path` itself when it is absolute or a URI, else `root/path`."""
+    if "://" in path or path.startswith("/"):
+        return path
+    return io.join(root, path)
+
+
+def _split_entries(split_file: str, root: str) -> Iterator[tuple[str, str]]:
+    """(image id, listed mask uri or "") per line of an ImageSets split file.
+
+    One column: the image id. Two columns, as PSA/AuxSegNet's and SBD's train_aug.txt
+    (`/JPEGImages/2007_000032.jpg /SegmentationClassAug/2007_000032.png`): the id is the first
+    column's stem and the second column is the mask, relative to the dataset root.
+    """
     if not io.exists(split_file):
         raise DataError(f"split file not found: '{split_file}'")
     for line in _utf8_lines(split_file):
         tokens = line.split()
-        if tokens:
-            # Some lists name paths ("/JPEGImages/2007_000032.jpg ..."): keep the stem.
-            yield posixpath.splitext(posixpath.basename(tokens[0]))[0]
+        if not tokens:
+            continue
+        image_id = posixpath.splitext(posixpath.basename(tokens[0]))[0]
+        listed_mask = io.join(root, tokens[1].lstrip("/")) if len(tokens) > 1 else ""
+        yield image_id, listed_mask
+
+
+def voc_mask_dir(root: str, mask_dir: str = "") -> str:
+    """Where the GT masks of a VOC-layout root are: `mask_dir` (relative to root, or a path/URI),
+    by default root/SegmentationClass (train_aug: SBD's SegmentationClassAug)."""
+    return under_root(root, mask_dir or "SegmentationClass")
 
 
 def voc_records(
@@ -357,21 +473,28 @@ def voc_records(
     split: str,
     class_names: Sequence[str] | str | None = None,
     labels_file: str = "",
+    mask_dir: str = "",
+    masks_only: bool = False,
 ) -> Iterator[Record]:
     """Records of a VOC-layout folder, in split-file order.
 
-    root/JPEGImages/<id>.jpg, root/SegmentationClass/<id>.png (palette PNG, read as indices),
-    root/ImageSets/Segmentation/<split>.txt, optional root/saliency/<id>.png and
-    root/class_names.txt. Image labels come from the GT mask when there is one, else from
-    `labels_file` (CSV or Parquet `image_id,labels`).
+    root/JPEGImages/<id>.jpg, GT masks (palette PNGs, read as indices) in `voc_mask_dir(root,
+    mask_dir)` or as the split file's second column, root/ImageSets/Segmentation/<split>.txt,
+    optional root/saliency/<id>.png and root/class_names.txt. An image without a mask file has
+    mask_uri "" (it is trained on, not scored). Image labels: from `labels_file` when one is given
+    (CSV/Parquet `image_id,labels` or cls_labels.npy; every split id must be in it), else from
+    the mask. `masks_only` (validation: scored against masks, never trained on): only the images
+    with a mask, labels from it, `labels_file` unused.
     """
     if class_names is None and io.exists(io.join(root, "class_names.txt")):
         class_names = io.join(root, "class_names.txt")
     names = _resolve_class_names(class_names, VOC_CLASS_NAMES)
     split_file = io.join(root, "ImageSets", "Segmentation", f"{split}.txt")
-    label_table = read_labels_table(labels_file, names) if labels_file else {}
+    use_file = bool(labels_file) and not masks_only
+    label_table = read_labels_table(labels_file, names) if use_file else {}
+    masks = voc_mask_dir(root, mask_dir)
     seen: set[str] = set()
-    for image_id in _split_ids(split_file):
+    for image_id, listed_mask in _split_entries(split_file, root):
         if image_id in seen:
             raise DataError(f"split file '{split_file}': duplicate image id '{image_id}'")
         seen.add(image_id)
@@ -380,25 +503,51 @@ def voc_records(
             raise DataError(
                 f"split file '{split_file}' lists image '{image_id}', but '{image_uri}' is missing"
             )
-        mask_uri = io.join(root, "SegmentationClass", f"{image_id}.png")
-        if io.exists(mask_uri):
-            labels = labels_from_mask(io.read_label(mask_uri), len(names), mask_uri)
-        elif image_id in label_table:
-            mask_uri = ""
-            labels = label_table[image_id]
-        else:
-            raise DataError(
-                f"image '{image_id}' (split file '{split_file}') has no mask '{mask_uri}' and no "
-                f"entry in the labels file '{labels_file or '(none given)'}'"
-            )
-        saliency_uri = io.join(root, "saliency", f"{image_id}.png")
+        mask_uri = listed_mask or io.join(masks, f"{image_id}.png")
+        has_mask = io.exists(mask_uri)
+        if masks_only and not has_mask:
+            continue
+        # Read even when the labels come from the file: a bad mask fails here, naming it,
+        # not in the label-quality step after a stage.
+        mask_labels = None
+        if has_mask:
+            mask_labels = labels_from_mask(io.read_label(mask_uri), len(names), mask_uri)
+        source = labels_file if use_file else ""
         yield Record(
             image_id=image_id,
             image_uri=image_uri,
-            labels=labels,
-            mask_uri=mask_uri,
-            saliency_uri=saliency_uri if io.exists(saliency_uri) else "",
+            labels=_voc_labels(image_id, label_table, source, mask_labels, mask_uri, split_file),
+            mask_uri=mask_uri if has_mask else "",
+            saliency_uri=_existing(io.join(root, "saliency", f"{image_id}.png")),
         )
+
+
+def _voc_labels(
+    image_id: str,
+    table: dict[str, tuple[int, ...]],
+    labels_file: str,
+    mask_labels: tuple[int, ...] | None,
+    mask_uri: str,
+    split_file: str,
+) -> tuple[int, ...]:
+    """The labels file's entry when a file is given (a missing id is an error), else the mask's."""
+    if labels_file:
+        if image_id not in table:
+            raise DataError(
+                f"labels file '{labels_file}' has no entry for image '{image_id}' of split file "
+                f"'{split_file}'"
+            )
+        return table[image_id]
+    if mask_labels is None:
+        raise DataError(
+            f"image '{image_id}' (split file '{split_file}') has no mask '{mask_uri}' and no "
+            "labels file (data.labels_file) gives its labels"
+        )
+    return mask_labels
+
+
+def _existing(uri: str) -> str:
+    return uri if uri and io.exists(uri) else ""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -479,7 +628,9 @@ def render_coco_mask(
     return mask
 
 
-def coco_records(annotation_json: str, image_dir: str, mask_dir: str) -> Iterator[Record]:
+def coco_records(
+    annotation_json: str, image_dir: str, mask_dir: str, num_classes: int = 0
+) -> Iterator[Record]:
     """Records of a COCO split, in image-id order; semantic masks written once to `mask_dir`.
 
     Image labels: every annotated category, crowd annotations INCLUDED (a crowd of people still
@@ -487,10 +638,16 @@ def coco_records(annotation_json: str, image_dir: str, mask_dir: str) -> Iterato
     themselves are 255 in the mask, so they are neither trained on as GT nor scored.
     Images without annotations get labels () and an all-background mask.
     Classes: background + the file's categories mapped to 1..K in category-id order (K = 80 for
-    COCO 2014/2017, giving 81 classes).
+    COCO 2014/2017, giving 81 classes); `num_classes` > 0 must be K + 1.
     """
     coco = _load_coco(annotation_json)
     category_map, _ = coco_category_map(coco)
+    if num_classes and len(category_map) + 1 != num_classes:
+        raise DataError(
+            f"COCO annotation file '{annotation_json}' has {len(category_map)} categories, so "
+            f"{len(category_map) + 1} classes with background, but config key "
+            f"'model.num_classes' is {num_classes}"
+        )
     palette = io.voc_palette()
     seen: set[str] = set()
     for image_key in sorted(coco.imgs):
@@ -553,12 +710,14 @@ def folder_records(
     labels_file: str,
     class_names: Sequence[str] | str,
     saliency_dir: str = "",
+    mask_dir: str = "",
 ) -> Iterator[Record]:
     """Records of a plain image folder labelled by a CSV or Parquet table, in table order.
 
     Columns: `image_id`, `labels` (space-separated class names or ids, or a list), optional
     `file_name` (relative to image_dir). Without file_name, an id ending in an image extension
-    names the file; otherwise '<id>.jpg' (then .jpeg, .png, ...) is looked up.
+    names the file; otherwise '<id>.jpg' (then .jpeg, .png, ...) is looked up. Optional GT
+    masks `<mask_dir>/<id>.png` (class-id PNGs) are used for scoring where they exist.
     """
     names = _resolve_class_names(class_names, ())
     if len(names) < 2:
@@ -575,12 +734,17 @@ def folder_records(
                 f"labels file '{labels_file}', row {row_number}: duplicate image id '{image_id}'"
             )
         seen.add(image_id)
-        saliency_uri = io.join(saliency_dir, f"{image_id}.png") if saliency_dir else ""
+        mask_uri = _existing(io.join(mask_dir, f"{image_id}.png") if mask_dir else "")
+        if mask_uri:  # refused here, naming it, rather than when a stage's labels are scored
+            check_label_map(io.read_label(mask_uri), len(names), mask_uri)
         yield Record(
             image_id=image_id,
             image_uri=image_uri,
             labels=parse_labels(row["labels"], names, labels_file, image_id),
-            saliency_uri=saliency_uri if saliency_uri and io.exists(saliency_uri) else "",
+            mask_uri=mask_uri,
+            saliency_uri=_existing(
+                io.join(saliency_dir, f"{image_id}.png") if saliency_dir else ""
+            ),
         )
 
 
@@ -834,11 +998,14 @@ __all__ = [
     "manifest_row_count",
     "parse_labels",
     "read_class_names",
+    "read_cls_labels",
     "read_labels_table",
     "read_manifest",
     "record_from_row",
     "record_to_row",
     "render_coco_mask",
+    "under_root",
+    "voc_mask_dir",
     "voc_records",
     "write_manifest",
 ]

@@ -14,7 +14,7 @@ from ray.data.expressions import col
 from raysseg import layout
 from raysseg.config import Config, from_dict, to_dict
 from raysseg.data import io
-from raysseg.data.records import class_names_for
+from raysseg.data.records import DataError, class_names_for, coco_class_names
 from raysseg.distributed.placement import require_custom_resources
 from raysseg.distributed.refine import inference_pool_options, read_manifest_dataset
 from raysseg.engine.checkpoint import load_checkpoint, restore_model
@@ -23,7 +23,12 @@ from raysseg.predict import predict_label
 
 
 def label_quality(manifest: str, num_classes: int, batch_size: int = 16) -> dict[str, Any]:
-    """Precision / recall / mIoU of a stage's pseudo labels against the GT masks in the manifest."""
+    """Precision / recall / mIoU of a stage's pseudo labels against the GT masks in the manifest.
+
+    Only the images with a GT mask are scored (train_aug has one for every image, a user's split
+    may have some): the others are left out, not errors. `scored_images` says how many were
+    scored; with none, the figures are NaN.
+    """
     dataset, _ = read_manifest_dataset(
         manifest, parallelism=2, columns=["seg_label_uri", "mask_uri"], rows_per_batch=batch_size
     )
@@ -35,9 +40,11 @@ def label_quality(manifest: str, num_classes: int, batch_size: int = 16) -> dict
         batch_format="pandas",
     )
     total = LabelQuality(num_classes)
+    scored = 0
     for row in counts.iter_rows():
         total.merge(LabelQuality.from_array(np.asarray(row["counts"]).reshape(num_classes, -1)))
-    return total.compute()
+        scored += int(row["images"])
+    return {**total.compute(), "scored_images": scored}
 
 
 def _label_quality_batch(batch, num_classes: int):
@@ -45,8 +52,14 @@ def _label_quality_batch(batch, num_classes: int):
 
     quality = LabelQuality(num_classes)
     for seg_uri, mask_uri in zip(batch["seg_label_uri"], batch["mask_uri"], strict=True):
-        quality.update(io.read_label(seg_uri), io.read_label(mask_uri))
-    return pd.DataFrame({"counts": [quality.to_array().ravel()]})
+        seg, mask = io.read_label(seg_uri), io.read_label(mask_uri)
+        if seg.shape != mask.shape:
+            raise DataError(
+                f"GT mask '{mask_uri}' is (H, W) = {mask.shape}, but the pseudo label "
+                f"'{seg_uri}' of its image is {seg.shape}"
+            )
+        quality.update(seg, mask)
+    return pd.DataFrame({"counts": [quality.to_array().ravel()], "images": [len(batch)]})
 
 
 def evaluate_checkpoint(
@@ -79,13 +92,23 @@ def evaluate_checkpoint(
     for row in matrices.iter_rows():
         matrix = np.asarray(row["confusion"]).reshape(num_classes, num_classes)
         confusion.merge(ConfusionMatrix.from_array(matrix))
-    names = class_names_for(config.data.source, config.data.root, config.data.class_names)
     return {
         "miou": confusion.miou(),
         "iou": confusion.iou().tolist(),
         "pixel_accuracy": confusion.pixel_accuracy(),
-        "table": confusion.table(names),
+        "table": confusion.table(_class_names(config)),
     }
+
+
+def _class_names(config: Config) -> list[str] | None:
+    """Names for the table: the source's (a COCO-format file of other categories than COCO's 80
+    names its own, read only then); None (class numbers) if they do not match the classes."""
+    data = config.data
+    names = class_names_for(data.source, data.root, data.class_names)
+    annotations = data.coco_val_annotations or data.coco_annotations
+    if data.source == "coco" and len(names) != config.model.num_classes and annotations:
+        names = coco_class_names(annotations)
+    return names if len(names) == config.model.num_classes else None
 
 
 class _Scorer:

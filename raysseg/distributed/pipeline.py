@@ -7,8 +7,10 @@ from the stage's last checkpoint, the label update skips images already labelled
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
+import math
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -24,10 +26,19 @@ from raysseg.config import (
     dump_yaml,
 )
 from raysseg.data import io
-from raysseg.data.records import Record, coco_records, folder_records, voc_records, write_manifest
+from raysseg.data.records import (
+    Record,
+    coco_records,
+    folder_records,
+    under_root,
+    voc_records,
+    write_manifest,
+)
 from raysseg.distributed.evaluate import evaluate_checkpoint, label_quality
 from raysseg.distributed.refine import update_stage_labels
 from raysseg.distributed.train import StageSpec, train_stage
+from raysseg.labels.saliency import describe_saliency, resolve_saliency
+from raysseg.model.weights import check_pretrained
 
 
 @dataclass(frozen=True)
@@ -40,7 +51,8 @@ def run_pipeline(
     config: Config, full_supervision: bool = False, log: Callable[[str], None] = print
 ) -> dict[str, Any]:
     """Run (or resume) every step; return the per-stage summary that is also saved as metrics.json."""
-    config = _absolute_run_dir(config)
+    check_pretrained(config.model)  # before anything is written: no run on silently random weights
+    config = resolve_run_config(config, log)
     prepare_run_dir(config)
     steps = plan_steps(config, full_supervision)
     for index, step in enumerate(steps, start=1):
@@ -55,7 +67,7 @@ def run_pipeline(
 
 def run_single_step(config: Config, step: str, log: Callable[[str], None] = print) -> dict:
     """Run one named step (e.g. 'stage_1/train'); its predecessors must be done."""
-    config = _absolute_run_dir(config)
+    config = resolve_run_config(config, log)
     prepare_run_dir(config)
     steps = plan_steps(config, full_supervision=False)
     names = [s.name for s in steps]
@@ -83,7 +95,7 @@ def run_step(config: Config, step: Step, counter: str, log: Callable[[str], None
 
 
 def _brief(result: dict[str, Any]) -> str:
-    keys = ("images", "written", "errors", "label_miou", "val_miou", "miou")
+    keys = ("images", "written", "errors", "label_miou", "label_scored_images", "val_miou", "miou")
     shown = {k: result[k] for k in keys if k in result}
     return " ".join(
         f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()
@@ -112,9 +124,22 @@ def read_result(run_dir: str, step: str) -> dict[str, Any]:
 def _absolute_run_dir(config: Config) -> Config:
     if "://" in config.run_dir:
         return config
-    from dataclasses import replace
+    return dataclasses.replace(config, run_dir=os.path.abspath(config.run_dir))
 
-    return replace(config, run_dir=os.path.abspath(config.run_dir))
+
+def resolve_run_config(config: Config, log: Callable[[str], None] = print) -> Config:
+    """The config a run works with: an absolute run_dir and the saliency prior resolved once,
+    here in the driver before any Ray work (a u2netp model is checked now), and printed.
+
+    The resolved values are what config.yaml keeps: rerunning the same command on the same data
+    resolves the same and resumes; a run whose prior would change (a saliency/ folder added since)
+    is refused by `prepare_run_dir`, naming data.saliency, since its labels came from the other.
+    """
+    choice = resolve_saliency(config.data)
+    for note in choice.notes:
+        log(note)
+    log(f"saliency prior: {choice.description}")
+    return dataclasses.replace(_absolute_run_dir(config), data=choice.data)
 
 
 RUN_DIR_SWEEP_DEPTH = 3  # run/stage_k/checkpoint/<file>, run/manifest/train/<part>
@@ -208,7 +233,7 @@ def _previous_checkpoint(run_dir: str, stage: int) -> str:
 
 
 def build_manifests(config: Config) -> dict[str, Any]:
-    counts = {}
+    counts: dict[str, Any] = {}
     for split, records in (("train", _train_records(config)), ("val", _val_records(config))):
         if records is None:
             continue
@@ -226,24 +251,43 @@ def _train_records(config: Config) -> Iterator[Record]:
 
 
 def _val_records(config: Config) -> Iterator[Record] | None:
+    """The validation images with a GT mask (they are scored, never trained on); None when the
+    source has no validation split (folder) or none is configured."""
     data = config.data
     if data.source == "voc":
         split_file = io.join(data.root, "ImageSets", "Segmentation", f"{data.val_split}.txt")
         if not data.val_split or not io.exists(split_file):
             return None
-    elif (data.source == "coco" and not data.coco_val_annotations) or data.source == "folder":
+        names = data.class_names or None
+        return voc_records(
+            data.root, data.val_split, names, mask_dir=data.mask_dir, masks_only=True
+        )
+    if data.source == "folder" or not data.coco_val_annotations:
         return None
-    return (r for r in _records(config, data.val_split, data.coco_val_annotations) if r.mask_uri)
+    return _records(config, data.val_split, data.coco_val_annotations)
 
 
 def _records(config: Config, split: str, coco_json: str) -> Iterator[Record]:
     data = config.data
     if data.source == "voc":
-        return voc_records(data.root, split, data.class_names or None, data.labels_file)
+        names = data.class_names or None
+        return voc_records(data.root, split, names, data.labels_file, mask_dir=data.mask_dir)
     if data.source == "coco":
+        if not coco_json:
+            raise ConfigError("config key 'data.coco_annotations': not set (data.source=coco)")
         mask_dir = layout.join(config.run_dir, "coco_masks", split)
-        return coco_records(coco_json, io.join(data.root, split), mask_dir)
-    return folder_records(data.root, data.labels_file, data.class_names)
+        return coco_records(
+            coco_json, io.join(data.root, split), mask_dir, config.model.num_classes
+        )
+    if not data.labels_file:
+        raise ConfigError("config key 'data.labels_file': not set (data.source=folder)")
+    return folder_records(
+        data.root,
+        data.labels_file,
+        data.class_names,
+        saliency_dir=data.saliency_dir,
+        mask_dir=under_root(data.root, data.mask_dir) if data.mask_dir else "",
+    )
 
 
 def _train_step(config: Config, name: str, mode: str, init: str, label_stage: int) -> dict:
@@ -279,11 +323,13 @@ def _labels_step(config: Config, stage: int, mode: str, checkpoint: str) -> dict
     summary = update_stage_labels(
         config, stage, mode=mode, checkpoint=checkpoint, in_manifest=in_manifest
     )
+    # Scored on the images that have a GT mask; how many is kept beside the figures.
     quality = label_quality(layout.stage_manifest(run, stage), config.model.num_classes)
     summary.update(
         label_precision=quality["precision"],
         label_recall=quality["recall"],
         label_miou=quality["miou"],
+        label_scored_images=quality["scored_images"],
     )
     return summary
 
@@ -303,14 +349,16 @@ def _final_step(config: Config, last_train_step: str) -> dict:
 
 
 def summarize(config: Config) -> dict[str, Any]:
-    """Per-stage label quality and val mIoU, from the done markers."""
+    """Per-stage label quality (with the number of images scored) and val mIoU, from the done
+    markers, and the saliency prior of the (resolved) config."""
     run = config.run_dir
     stages = []
+    label_keys = ("label_precision", "label_recall", "label_miou", "label_scored_images")
     for stage in range(config.stages.count + 1):
         row: dict[str, Any] = {"stage": stage}
         for step, keys in (
-            (f"stage_{stage}/labels", ("label_precision", "label_recall", "label_miou")),
-            (f"stage_{stage - 1}/refine", ("label_precision", "label_recall", "label_miou")),
+            (f"stage_{stage}/labels", label_keys),
+            (f"stage_{stage - 1}/refine", label_keys),
             (f"stage_{stage}/train", ("val_miou",)),
         ):
             if stage - 1 < 0 and "refine" in step:
@@ -320,23 +368,35 @@ def summarize(config: Config) -> dict[str, Any]:
                 row.update({k: result[k] for k in keys if k in result})
         stages.append(row)
     final = read_result(run, "final") if is_done(run, "final") else {}
-    return {"run_dir": run, "stages": stages, "final_miou_ms_crf": final.get("miou")}
+    return {
+        "run_dir": run,
+        "saliency_prior": describe_saliency(config.data),
+        "stages": stages,
+        "final_miou_ms_crf": final.get("miou"),
+    }
 
 
 def format_summary(summary: dict[str, Any]) -> str:
     def cell(value: Any) -> str:
-        return f"{100 * value:6.2f}" if isinstance(value, float) else f"{'-':>6s}"
+        finite = isinstance(value, float) and math.isfinite(value)
+        return f"{100 * value:6.2f}" if finite else f"{'-':>6s}"
+
+    def count(value: Any) -> str:
+        return f"{value:6d}" if isinstance(value, int) else f"{'-':>6s}"
 
     lines = [
-        "stage | labels P / R / mIoU (%)   | val mIoU (%) after training on them",
-        "------+---------------------------+------------------------------------",
+        "stage | labels P / R / mIoU (%)   | scored | val mIoU (%) after training on them",
+        "------+---------------------------+--------+------------------------------------",
     ]
     for row in summary["stages"]:
         labels = " / ".join(
             cell(row.get(k)) for k in ("label_precision", "label_recall", "label_miou")
         )
-        lines.append(f"{row['stage']:5d} | {labels} | {cell(row.get('val_miou'))}")
+        scored = count(row.get("label_scored_images"))
+        lines.append(f"{row['stage']:5d} | {labels} | {scored} | {cell(row.get('val_miou'))}")
     final = summary.get("final_miou_ms_crf")
-    if isinstance(final, float):
+    if isinstance(final, float) and math.isfinite(final):
         lines.append(f"final model, multi-scale + flip + CRF: val mIoU {100 * final:.2f}%")
+    if summary.get("saliency_prior"):
+        lines.append(f"saliency prior: {summary['saliency_prior']}")
     return "\n".join(lines)

@@ -50,6 +50,7 @@ from raysseg.distributed.pipeline import (
     plan_steps,
     prepare_run_dir,
     read_result,
+    resolve_run_config,
     run_step,
     step_checkpoint,
     write_result,
@@ -85,11 +86,12 @@ def run_campaign(
     base: Config, space: TuneSpace, trials: int, log: Callable[[str], None] | None = None
 ) -> dict[str, Any]:
     """Run (or resume) a campaign until `trials` trials are finished; write the table, best.yaml, plots."""
+    log = log or print_line
     campaign = _campaign_dir(base)
+    base = resolve_run_config(base, log)  # one saliency prior for every trial, resolved here
     check_campaign(campaign, base, space)
     rows = read_results(campaign)
     remaining = trials - len(rows)
-    log = log or print_line
     log(f"campaign {campaign}: {len(rows)} trial(s) finished earlier, {max(0, remaining)} to run")
     if remaining > 0:
         _run_trials(base, space, campaign, rows, remaining, log)

