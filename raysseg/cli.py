@@ -56,6 +56,17 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_composite(args: argparse.Namespace) -> int:
+    from raysseg.data.composite import generate_composites
+
+    generate_composites(args.out, n_train=args.n, n_val=args.n_val, size=args.size, seed=args.seed)
+    print(
+        f"wrote a real-pixel VOC-layout dataset (Fashion-MNIST products on photos) to {args.out} "
+        f"({args.n} train, {args.n_val} val)"
+    )
+    return 0
+
+
 def _load_for_training(args: argparse.Namespace) -> Config:
     """`_load_for_ray` plus the weights choice: a run on random weights only when asked for."""
     from raysseg.model.weights import check_pretrained
@@ -206,6 +217,15 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--size", type=int, default=96, help="image side in pixels")
     synth.add_argument("--seed", type=int, default=0)
     synth.set_defaults(run=_cmd_synth)
+    composite = data_commands.add_parser(
+        "composite", help="write the demo's real-pixel VOC-layout dataset (no download)"
+    )
+    composite.add_argument("--out", required=True)
+    composite.add_argument("--n", type=int, default=240, help="training images")
+    composite.add_argument("--n-val", type=int, default=60, help="validation images")
+    composite.add_argument("--size", type=int, default=128, help="image side in pixels")
+    composite.add_argument("--seed", type=int, default=0)
+    composite.set_defaults(run=_cmd_composite)
 
     pipeline = commands.add_parser("pipeline", help="warm-up + all stages; rerun to resume")
     _add_config_arguments(pipeline)

@@ -328,15 +328,35 @@ def synthesize_image(
 # The dataset
 
 
-def _write_sample(root: str, image_id: str, image, mask, saliency, palette) -> None:
+def write_voc_sample(
+    root: str,
+    image_id: str,
+    image: np.ndarray,
+    mask: np.ndarray,
+    palette: np.ndarray,
+    saliency: np.ndarray | None = None,
+) -> None:
+    """JPEGImages/<id>.jpg, SegmentationClass/<id>.png (palette) and, if given, saliency/<id>.png."""
     ok, encoded = cv2.imencode(".jpg", image[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 92])
     if not ok:
-        raise RuntimeError(f"JPEG encoding failed for synthetic image '{image_id}'")
+        raise RuntimeError(f"JPEG encoding failed for image '{image_id}'")
     io.write_bytes_atomic(io.join(root, "JPEGImages", f"{image_id}.jpg"), encoded.tobytes())
     io.write_png_atomic(io.join(root, "SegmentationClass", f"{image_id}.png"), mask, palette)
-    io.write_png_atomic(
-        io.join(root, "saliency", f"{image_id}.png"), io.saliency_to_uint8(saliency)
+    if saliency is not None:
+        io.write_png_atomic(
+            io.join(root, "saliency", f"{image_id}.png"), io.saliency_to_uint8(saliency)
+        )
+
+
+def write_voc_index(root: str, class_names: list[str], ids_per_split: dict[str, list[str]]) -> None:
+    """class_names.txt and ImageSets/Segmentation/<split>.txt, the files `voc_records` starts from."""
+    io.makedirs(io.join(root, "ImageSets", "Segmentation"))
+    io.write_bytes_atomic(
+        io.join(root, "class_names.txt"), ("\n".join(class_names) + "\n").encode()
     )
+    for split, ids in ids_per_split.items():
+        split_file = io.join(root, "ImageSets", "Segmentation", f"{split}.txt")
+        io.write_bytes_atomic(split_file, "".join(f"{i}\n" for i in ids).encode())
 
 
 def generate_synthetic(
@@ -355,23 +375,20 @@ def generate_synthetic(
         raise ValueError(f"size must be >= 32 pixels, got {size}")
     class_names = synthetic_class_names(num_classes)
     palette = io.voc_palette()
-    io.makedirs(io.join(out_dir, "ImageSets", "Segmentation"))
-    io.write_bytes_atomic(
-        io.join(out_dir, "class_names.txt"), ("\n".join(class_names) + "\n").encode()
-    )
     label_lines = ["image_id,labels"]
+    ids_per_split = {}
     for split, count in (("train", n_train), ("val", n_val)):
         ids = []
         for index in range(count):
             image_id = f"{split}_{index:06d}"
             rng = np.random.default_rng([seed, SPLIT_CODES[split], index])
             image, mask, saliency = synthesize_image(rng, size, num_classes)
-            _write_sample(out_dir, image_id, image, mask, saliency, palette)
+            write_voc_sample(out_dir, image_id, image, mask, palette, saliency)
             present = [int(c) for c in np.unique(mask) if c != 0]
             label_lines.append(f"{image_id},{' '.join(class_names[c] for c in present)}")
             ids.append(image_id)
-        split_file = io.join(out_dir, "ImageSets", "Segmentation", f"{split}.txt")
-        io.write_bytes_atomic(split_file, "".join(f"{i}\n" for i in ids).encode())
+        ids_per_split[split] = ids
+    write_voc_index(out_dir, class_names, ids_per_split)
     io.write_bytes_atomic(
         io.join(out_dir, "image_labels.csv"), ("\n".join(label_lines) + "\n").encode()
     )
@@ -417,4 +434,6 @@ __all__ = [
     "run_synth",
     "synthesize_image",
     "synthetic_class_names",
+    "write_voc_index",
+    "write_voc_sample",
 ]
