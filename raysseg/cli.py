@@ -191,6 +191,14 @@ def _cmd_weights_inspect(args: argparse.Namespace) -> int:
     return 0 if match.ok else 1
 
 
+def _add_dataset_arguments(parser: argparse.ArgumentParser, n: int, n_val: int, size: int) -> None:
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--n", type=int, default=n, help="training images")
+    parser.add_argument("--n-val", type=int, default=n_val, help="validation images")
+    parser.add_argument("--size", type=int, default=size, help="image side in pixels")
+    parser.add_argument("--seed", type=int, default=0)
+
+
 def _add_ray_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", default=None, help="Ray address (default: auto / local)")
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of a new local Ray")
@@ -211,20 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
     data = commands.add_parser("data", help="dataset tools")
     data_commands = data.add_subparsers(dest="data_command", required=True)
     synth = data_commands.add_parser("synth", help="write a synthetic VOC-layout dataset")
-    synth.add_argument("--out", required=True)
-    synth.add_argument("--n", type=int, default=400, help="training images")
-    synth.add_argument("--n-val", type=int, default=100, help="validation images")
-    synth.add_argument("--size", type=int, default=96, help="image side in pixels")
-    synth.add_argument("--seed", type=int, default=0)
+    _add_dataset_arguments(synth, n=400, n_val=100, size=96)
     synth.set_defaults(run=_cmd_synth)
     composite = data_commands.add_parser(
         "composite", help="write the demo's real-pixel VOC-layout dataset (no download)"
     )
-    composite.add_argument("--out", required=True)
-    composite.add_argument("--n", type=int, default=240, help="training images")
-    composite.add_argument("--n-val", type=int, default=60, help="validation images")
-    composite.add_argument("--size", type=int, default=128, help="image side in pixels")
-    composite.add_argument("--seed", type=int, default=0)
+    _add_dataset_arguments(composite, n=240, n_val=60, size=128)
     composite.set_defaults(run=_cmd_composite)
 
     pipeline = commands.add_parser("pipeline", help="warm-up + all stages; rerun to resume")

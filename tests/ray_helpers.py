@@ -39,3 +39,20 @@ def tiny_config(data_root: Path, run_dir: Path, *extra: str) -> Config:
             *extra,
         ]
     )
+
+
+# The steps of a one-stage pipeline run, in order.
+ONE_STAGE_STEPS = (
+    "manifest",
+    "warmup",
+    "stage_0/labels",
+    "stage_0/train",
+    "stage_0/refine",
+    "final",
+)
+
+
+def assert_steps_done(run_dir: Path, steps: tuple[str, ...] = ONE_STAGE_STEPS) -> None:
+    """Every step wrote its `.DONE` marker (a step writes it last)."""
+    for step in steps:
+        assert (run_dir / f"{step}.DONE").exists(), step

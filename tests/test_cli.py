@@ -43,9 +43,10 @@ def test_bad_override_exits_2_naming_the_key(capsys) -> None:
     assert "optim.lrate" in capsys.readouterr().err
 
 
-def test_data_synth_writes_a_voc_layout(tmp_path) -> None:
+@pytest.mark.parametrize(("kind", "size"), [("synth", "40"), ("composite", "64")])
+def test_data_commands_write_a_voc_layout(tmp_path, kind: str, size: str) -> None:
     assert (
-        main(["data", "synth", "--out", str(tmp_path), "--n", "3", "--n-val", "2", "--size", "40"])
+        main(["data", kind, "--out", str(tmp_path), "--n", "3", "--n-val", "2", "--size", size])
         == 0
     )
     assert len(list((tmp_path / "JPEGImages").glob("*.jpg"))) == 5

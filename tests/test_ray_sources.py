@@ -12,7 +12,7 @@ import pytest
 import ray
 from PIL import Image
 from pycocotools import mask as coco_mask
-from ray_helpers import tiny_config
+from ray_helpers import assert_steps_done, tiny_config
 
 from raysseg import layout
 from raysseg.config import IGNORE_INDEX
@@ -152,15 +152,7 @@ def test_coco_source_runs_end_to_end(local_ray, tmp_path) -> None:
     summary = run_pipeline(config, log=lines.append)
     run = Path(config.run_dir)
     assert "saliency prior: spectral (OpenCV spectral residual)" in lines
-    for step in (
-        "manifest",
-        "warmup",
-        "stage_0/labels",
-        "stage_0/train",
-        "stage_0/refine",
-        "final",
-    ):
-        assert (run / f"{step}.DONE").exists(), step
+    assert_steps_done(run)
 
     train = list(read_manifest(layout.dataset_manifest(str(run), "train")))
     assert len(train) == 8
@@ -216,15 +208,7 @@ def test_folder_source_runs_end_to_end_and_scores_the_images_with_masks(local_ra
     run = Path(config.run_dir)
     assert f"saliency prior: folder {data / 'saliency'}" in lines
     assert summary["saliency_prior"] == f"folder {data / 'saliency'}"
-    for step in (
-        "manifest",
-        "warmup",
-        "stage_0/labels",
-        "stage_0/train",
-        "stage_0/refine",
-        "final",
-    ):
-        assert (run / f"{step}.DONE").exists(), step
+    assert_steps_done(run)
     train = list(read_manifest(layout.dataset_manifest(str(run), "train")))
     assert len(train) == 8 and sum(bool(r.mask_uri) for r in train) == 4
     for stage in (0, 1):
