@@ -18,13 +18,15 @@ $(STAMP): pyproject.toml constraints/build.txt
 	@touch $(STAMP)
 
 $(FASHION): | $(STAMP)
-	@if command -v apt-get >/dev/null && command -v dpkg >/dev/null; then \
-		tmp=$$(mktemp -d) && cd $$tmp && \
-		{ apt-get download dataset-fashion-mnist || { apt-get update -qq && apt-get download dataset-fashion-mnist; }; } && \
-		dpkg -x dataset-fashion-mnist_*.deb $(CURDIR)/$(VENV) && rm -rf $$tmp; \
+	@tmp=$$(mktemp -d) && cd $$tmp && \
+	if command -v apt-get >/dev/null && command -v dpkg >/dev/null && \
+		{ apt-get download dataset-fashion-mnist || \
+		  { apt-get update -qq && apt-get download dataset-fashion-mnist; }; }; then \
+		dpkg -x dataset-fashion-mnist_*.deb $(CURDIR)/$(VENV); \
 	else \
-		echo "no apt-get here: set RAYSSEG_FASHION_MNIST to a folder with Fashion-MNIST's t10k IDX files"; \
-	fi
+		echo "Fashion-MNIST not installed (needs apt-get): the demo and its data tests need"; \
+		echo "RAYSSEG_FASHION_MNIST set to a folder with t10k-images/labels-idx*-ubyte.gz"; \
+	fi; rm -rf $$tmp
 
 install: $(STAMP) $(FASHION)
 
