@@ -55,4 +55,4 @@ ONE_STAGE_STEPS = (
 def assert_steps_done(run_dir: Path, steps: tuple[str, ...] = ONE_STAGE_STEPS) -> None:
     """Every step wrote its `.DONE` marker (a step writes it last)."""
     for step in steps:
-        assert (run_dir / f"{step}.DONE").exists(), step
+        assert (run_dir / f"{step}.DONE").is_file(), step

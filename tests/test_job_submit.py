@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from ray_helpers import assert_steps_done
 
 from raysseg import layout
 from raysseg.config import load_config
@@ -201,15 +202,7 @@ def _submit(head: Head, raysseg_args: list[str], job_id: str) -> subprocess.Comp
 
 def _assert_run_finished(run_dir: Path) -> None:
     assert (run_dir / "config.yaml").is_file()
-    for step in (
-        "manifest",
-        "warmup",
-        "stage_0/labels",
-        "stage_0/train",
-        "stage_0/refine",
-        "final",
-    ):
-        assert (run_dir / f"{step}.DONE").is_file(), step
+    assert_steps_done(run_dir)
     assert (run_dir / "metrics.json").is_file()
 
 

@@ -28,7 +28,7 @@ def test_imagenet_logits_match_the_reference_implementation() -> None:
     reference = EfficientNet.from_pretrained(
         "efficientnet-lite0", weights_path=str(packaged_weights_path())
     ).eval()
-    # Output stride 32 is the classifier's own; only the plan function offers it.
+    # Output stride 32 is the classifier's own; the config offers only 8 and 16 for segmentation.
     ours = EfficientNetLite0(output_stride=32, input_norm="imagenet")
     ours.load_state_dict(
         {k: v for k, v in imagenet_state_dict().items() if not k.startswith("_fc.")}

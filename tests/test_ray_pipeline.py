@@ -9,7 +9,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import ray
-from ray_helpers import tiny_config
+from ray_helpers import ONE_STAGE_STEPS, assert_steps_done, tiny_config
 
 from raysseg import layout
 from raysseg.data import io
@@ -123,17 +123,7 @@ def test_pipeline_end_to_end_then_resume(local_ray, tiny_data, tmp_path) -> None
     summary = run_pipeline(config, log=logs.append)
     run = Path(config.run_dir)
     assert (run / "config.yaml").exists()
-    for step in (
-        "manifest",
-        "warmup",
-        "stage_0/labels",
-        "stage_0/train",
-        "stage_0/refine",
-        "stage_1/train",
-        "stage_1/refine",
-        "final",
-    ):
-        assert (run / f"{step}.DONE").exists(), step
+    assert_steps_done(run, (*ONE_STAGE_STEPS[:-1], "stage_1/train", "stage_1/refine", "final"))
     labels_0 = summary["stages"][0]
     assert 0.0 <= labels_0["label_miou"] <= 1.0
     assert isinstance(summary["final_miou_ms_crf"], float)

@@ -50,23 +50,30 @@ MAX_FILLED_HOLE = 12  # pixels (at 28 x 28) of an enclosed dark spot still count
 
 
 def fashion_mnist_dir(explicit: str = "") -> Path:
-    """The folder with Fashion-MNIST's test-set IDX files: explicit, $RAYSSEG_FASHION_MNIST, venv, system."""
-    candidates = [explicit, os.environ.get(FASHION_ENV, "")]
-    candidates += [
+    """The folder with Fashion-MNIST's test-set IDX files: explicit, $RAYSSEG_FASHION_MNIST, venv, system.
+
+    A folder the user named must hold the files (an error names it); the install places are tried.
+    """
+    named = explicit or os.environ.get(FASHION_ENV, "")
+    if named:
+        if not _holds_fashion_files(named):
+            raise FileNotFoundError(f"Fashion-MNIST: '{named}' lacks {' and '.join(FASHION_FILES)}")
+        return Path(named)
+    installed = (
         os.path.join(sys.prefix, "usr", "share", "datasets", "fashion-mnist"),
         "/usr/share/datasets/fashion-mnist",
-    ]
-    for folder in filter(None, candidates):
-        if all(Path(folder, name).is_file() for name in FASHION_FILES):
+    )
+    for folder in installed:
+        if _holds_fashion_files(folder):
             return Path(folder)
-        if folder in (explicit, os.environ.get(FASHION_ENV, "")):
-            raise FileNotFoundError(
-                f"Fashion-MNIST: '{folder}' lacks {' and '.join(FASHION_FILES)}"
-            )
     raise FileNotFoundError(
         "Fashion-MNIST not found: `make install` unpacks Debian's dataset-fashion-mnist into the "
         f"venv; elsewhere set {FASHION_ENV} to a folder holding {' and '.join(FASHION_FILES)}"
     )
+
+
+def _holds_fashion_files(folder: str) -> bool:
+    return all(Path(folder, name).is_file() for name in FASHION_FILES)
 
 
 def read_idx(path: Path) -> np.ndarray:

@@ -121,7 +121,10 @@ def block_strides_and_dilations(output_stride: int) -> list[tuple[int, int]]:
     and the following blocks take the new one.
     """
     if output_stride not in (8, 16, 32):
-        raise ValueError(f"efficientnet_lite0: output_stride must be 8 or 16, got {output_stride}")
+        raise ValueError(
+            f"efficientnet_lite0: output_stride must be 8, 16 or 32 (the classifier's), "
+            f"got {output_stride}"
+        )
     current_stride, dilation, plan = 2, 1, []  # the stem has stride 2
     for spec in LITE0_STAGES:
         first_dilation = dilation
