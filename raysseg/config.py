@@ -102,6 +102,9 @@ class LabelsConfig:
     sal_crf_bilateral_srgb: float = 5.0
     sal_crf_bilateral_compat: float = 5.0
     sal_crf_iterations: int = 1
+    # M~ = A_CT . M in the label update (METHOD.md). False keeps the CAM M as it is: an ablation
+    # for schedules too short for A_CT to become selective (see BENCHMARKS.md, real pixels).
+    propagate_cams: bool = True
 
 
 @dataclass(frozen=True)

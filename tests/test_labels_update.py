@@ -122,6 +122,10 @@ def test_infer_label_maps_propagates_the_normalised_cam(voc: dict) -> None:
     # Identity affinity: M~ is M upsampled, so each class peaks at 1.
     identity = infer_label_maps(FakeAuxModel(affinity="identity"), image, present)
     np.testing.assert_allclose(identity["cams"].reshape(2, -1).max(1), 1.0, atol=1e-3)
+    # propagate_cams=False (the ablation) skips A_CT: the uniform affinity leaves M as it is.
+    unpropagated = infer_label_maps(model, image, present, propagate_cams=False)
+    np.testing.assert_allclose(unpropagated["cams"], identity["cams"], atol=1e-5)
+    assert unpropagated["cams"].reshape(2, -1).std(1).min() > 0.01
 
 
 def test_infer_label_maps_without_present_classes(voc: dict) -> None:

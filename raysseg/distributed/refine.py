@@ -407,7 +407,9 @@ class LabelInference:
             cams = multiscale_cam(self.model, tensor, present, labels.cam_scales, labels.cam_flip)
             # float16 halves what travels to the CRF step; CAMs are in [0, 1].
             return {"cams": cams.cpu().numpy().astype(np.float16)}
-        maps = infer_label_maps(self.model, tensor, present)
+        maps = infer_label_maps(
+            self.model, tensor, present, propagate_cams=self.config.labels.propagate_cams
+        )
         return {"cams": maps["cams"].astype(np.float16), "sal_prob": maps["sal_prob"]}
 
 

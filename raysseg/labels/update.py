@@ -22,14 +22,14 @@ from raysseg.labels.fusion import fuse_labels
 
 
 def infer_label_maps(
-    model: nn.Module, image: torch.Tensor, present: Sequence[int]
+    model: nn.Module, image: torch.Tensor, present: Sequence[int], propagate_cams: bool = True
 ) -> dict[str, np.ndarray]:
     """One eval forward of a normalised (3, H, W) image -> the maps the label update needs.
 
     Returns float32 numpy arrays at the image size:
       cams     (K, H, W): M~ = A_CT . M with M = normalize_cam(raw CAM of the present classes), at
                feature resolution, then upsampled. Not renormalised: rows of A_CT sum to about
-               1, so values stay about in [0, 1].
+               1, so values stay about in [0, 1]. propagate_cams=False returns M itself.
       sal_prob (H, W): sigmoid(refined saliency logits), upsampled.
     """
     if image.dim() != 3 or image.shape[0] != 3:
@@ -45,7 +45,9 @@ def infer_label_maps(
             cams = torch.zeros((0, *size))
         else:
             cam = normalize_cam(outputs.cam[0, channels].float())  # (K, h, w)
-            cam = model.propagate(outputs.affinity, cam[None])  # (1, K, h, w), A_CT . M
+            cam = cam[None]  # (1, K, h, w)
+            if propagate_cams:
+                cam = model.propagate(outputs.affinity, cam)  # A_CT . M
             cams = F.interpolate(cam, size=size, mode="bilinear", align_corners=False)[0]
     return {
         "cams": cams.float().cpu().numpy(),
