@@ -74,6 +74,30 @@ def machine_line() -> str:
     )
 
 
+def run_facts(argv: Sequence[str]) -> dict[str, Any]:
+    """Where and when a bench ran, for its JSON: the report prints them beside the tables."""
+    import subprocess
+
+    import torch
+
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    return {
+        "command": "python " + " ".join(argv),
+        "commit": (commit or "unknown") + ("+changes" if dirty else ""),
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": machine_line().removeprefix("machine: "),
+        "torch": torch.__version__,
+    }
+
+
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     """Plain fixed-width table; floats with 3 significant decimals."""
     cells = [[_cell(v) for v in row] for row in rows]
