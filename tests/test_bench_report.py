@@ -22,7 +22,12 @@ def _stages(label_mious: list[float], vals: list[float | None]) -> list[dict]:
 
 def _run(stages: list[dict], final: float, full: bool, seconds: float) -> dict:
     summary = {"stages": stages, "final_miou_ms_crf": final}
-    return {"full_supervision": full, "propagate_cams": False, "seconds": seconds, "summary": summary}
+    return {
+        "full_supervision": full,
+        "propagate_cams": False,
+        "seconds": seconds,
+        "summary": summary,
+    }
 
 
 def test_quality_report_prints_every_stage_and_the_ratio(tmp_path: Path) -> None:
