@@ -12,9 +12,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from raysseg import storage
 from raysseg.config import Config, load_config, to_dict
-from raysseg.data import io
-from raysseg.data.records import voc_records, write_manifest
+from raysseg.data.manifest import write_manifest
+from raysseg.data.sources import voc_records
 from raysseg.data.synth import generate_synthetic
 from raysseg.engine.checkpoint import save_checkpoint
 from raysseg.model.network import build_model
@@ -42,7 +43,7 @@ def bench_config(data_root: Path, run_dir: Path, width: int, crop: int, **extra:
 
 def ensure_synthetic(data_root: Path, n_train: int, size: int, n_val: int = 0) -> None:
     """Generate once per (folder): reruns of a bench reuse the same images."""
-    if not io.exists(str(data_root / "class_names.txt")):
+    if not storage.exists(str(data_root / "class_names.txt")):
         generate_synthetic(str(data_root), n_train=n_train, n_val=n_val, size=size, seed=0)
 
 

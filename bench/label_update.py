@@ -9,7 +9,8 @@ Ray side, for each `--placements` value (resources.crf_placement: the CRF inside
 in separate CPU tasks), in one Ray session: an untimed first update (worker start-up, imports), then warm
 updates of a quarter of the images and of all of them; their difference gives the steady-state images/s
 and the fixed cost per update (actor start, manifest read and writes), which COCO-sized
-updates amortise.
+updates amortise. The serial loop's steady rate is timed the same way, over the images past its
+first quarter (its model load and saliency set-up left out).
 Every case runs once per round (`--rounds`) right after its own serial baseline (odd rounds: right
 before it, cases in reverse order): the speed of this shared machine drifts by 10-20 % over minutes,
 so each ratio compares runs a minute apart. The figures printed are medians over the rounds, with
@@ -37,14 +38,14 @@ from typing import Any
 import _common
 import torch
 
-from raysseg import layout
 from raysseg.config import Config
 from raysseg.data import io
-from raysseg.data.records import read_manifest, write_manifest
+from raysseg.data.manifest import read_manifest, write_manifest
 from raysseg.data.transforms import normalize
 from raysseg.engine.checkpoint import load_checkpoint, restore_model
 from raysseg.labels.saliency import build_saliency
 from raysseg.labels.update import finalize_labels, infer_label_maps
+from raysseg.rundir import layout
 
 NOT_RAY = ("serial", "independent")  # result keys that are not a crf_placement case
 SETTINGS = {
@@ -226,7 +227,11 @@ def _serial_loop(config: Config, checkpoint: str, manifest: str, labels_root: st
     saliency = build_saliency(config.data)
     infer_s = finalize_s = 0.0
     count = 0
-    for record in read_manifest(manifest):
+    records = list(read_manifest(manifest))
+    # Timed like the Ray side: the images past the first quarter give the steady rate, without
+    # the model load and saliency set-up that come once per update.
+    quarter, quarter_s = max(1, len(records) // 4), float("nan")
+    for record in records:
         step = _now()
         image = io.read_image(record.image_uri)
         maps = infer_label_maps(model, normalize(image), record.labels)
@@ -244,11 +249,15 @@ def _serial_loop(config: Config, checkpoint: str, manifest: str, labels_root: st
         infer_s += middle - step
         finalize_s += _now() - middle
         count += 1
+        if count == quarter:
+            quarter_s = _now() - started
     seconds = _now() - started
+    steady = (count - quarter) / (seconds - quarter_s) if count > quarter else float("nan")
     return {
         "images": count,
         "seconds": seconds,
         "images_per_s": count / seconds,
+        "steady_images_per_s": steady,
         "infer_s_per_image": infer_s / count,
         "finalize_s_per_image": finalize_s / count,
     }
@@ -455,13 +464,16 @@ def _ratios(rounds: list[dict]) -> dict[str, dict[str, dict[str, list[float]]]]:
     for measured in rounds:
         for group, cases in measured.items():
             for name, pair in cases.items():
-                base, result = pair["serial"]["images_per_s"], pair["case"]
+                serial, result = pair["serial"], pair["case"]
                 entry = ratios.setdefault(group, {}).setdefault(
                     name, {"end_to_end": [], "steady": []}
                 )
-                entry["end_to_end"].append(result["images_per_s"] / base)
+                entry["end_to_end"].append(result["images_per_s"] / serial["images_per_s"])
+                # Steady state on both sides: each rate leaves out its own once-per-update cost.
                 if "steady_images_per_s" in result:
-                    entry["steady"].append(result["steady_images_per_s"] / base)
+                    entry["steady"].append(
+                        result["steady_images_per_s"] / serial["steady_images_per_s"]
+                    )
     return ratios
 
 

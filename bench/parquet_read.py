@@ -21,7 +21,8 @@ from pathlib import Path
 
 import _common
 
-from raysseg.data.records import Record, write_manifest
+from raysseg.data.manifest import write_manifest
+from raysseg.data.records import Record
 
 SETTINGS = {"quick": {"rows": 64, "repeats": 3}, "full": {"rows": 10_000, "repeats": 7}}
 

@@ -33,9 +33,10 @@ from typing import Any
 import _common
 import numpy as np
 
-from raysseg import layout
-from raysseg.data import io
-from raysseg.data.records import Record, write_manifest
+from raysseg import storage
+from raysseg.data.manifest import write_manifest
+from raysseg.data.records import Record
+from raysseg.rundir import layout
 
 IMAGE_SIZE = 32
 NUM_CLASSES = 3
@@ -80,7 +81,7 @@ def _measure(out: Path, n: int, resume_at: float) -> dict[str, Any]:
     folder = out / f"n{n}"
     interrupted_at = 0
     if resume_at:
-        io.delete_dir(str(folder / "run"))
+        storage.delete_dir(str(folder / "run"))
         interrupted_at = _interrupted_run(folder, n, resume_at)
     result = _run_child(folder, n, fresh=not resume_at)
     if resume_at:
@@ -141,11 +142,11 @@ def _child(args: argparse.Namespace) -> None:
     n, folder = args.n[0], Path(args.out)
     folder.mkdir(parents=True, exist_ok=True)
     manifest = str(folder / "manifest")
-    if not io.exists(manifest):
+    if not storage.exists(manifest):
         write_manifest(_generate(folder / "images", n), manifest)
     run = folder / "run"
     if args.fresh:
-        io.delete_dir(str(run))
+        storage.delete_dir(str(run))
     config = load_config(
         overrides={
             "run_dir": str(run),

@@ -1,6 +1,6 @@
 """Training: a Ray Train stage vs the same epoch function in plain torch, on the same data.
 
-Both sides run `raysseg.engine.loop.train_one_epoch` in mode "full" on the small backbone, with the stage's
+Both sides run `raysseg.engine.loop.train_one_epoch` in mode "train" on the small backbone, with the stage's
 own loader (`raysseg.distributed.train._train_loader`) and optimiser; the plain side has no Ray at all.
 Pseudo labels are the synthetic GT masks and saliency maps (the training cost does not depend on them).
 Throughput = images/s of the last epoch as timed inside the epoch function (the steady state); the
@@ -25,7 +25,7 @@ import _common
 import torch
 
 from raysseg.config import Config
-from raysseg.data.records import read_manifest, write_manifest
+from raysseg.data.manifest import read_manifest, write_manifest
 
 SETTINGS = {
     "quick": {"images": 8, "size": 48, "width": 16, "batch": 4, "epochs": 1},
@@ -104,7 +104,7 @@ def _spec(manifest: str, epochs: int, storage: Path):
 
     return StageSpec(
         name="bench",
-        mode="full",
+        mode="train",
         train_manifest=manifest,
         val_manifest="",
         init_checkpoint="",
@@ -138,7 +138,7 @@ def run_plain(
             sampler.set_epoch(epoch)
             loader.dataset.set_epoch(epoch)
             metrics = train_one_epoch(
-                model, optimizer, scheduler, loader, "cpu", loss_weights=config.loss, mode="full"
+                model, optimizer, scheduler, loader, "cpu", loss_weights=config.loss, mode="train"
             )
             seconds += metrics["seconds"]
         return {"images_per_s": metrics["images_per_s"], "total_s": seconds}

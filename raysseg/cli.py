@@ -90,9 +90,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     config = _load_for_training(args)  # before importing Ray: config errors come first
     from raysseg.distributed.pipeline import run_single_step
     from raysseg.distributed.session import ray_session
+    from raysseg.rundir.steps import train_step
 
     with ray_session(address=args.address, num_cpus=args.num_cpus):
-        run_single_step(config, step=f"stage_{args.stage}/train")
+        run_single_step(config, train_step(args.stage))
     return 0
 
 
@@ -100,14 +101,15 @@ def _cmd_refine(args: argparse.Namespace) -> int:
     config = _load_for_ray(args)  # before importing Ray: config errors come first
     from raysseg.distributed.pipeline import run_single_step
     from raysseg.distributed.session import ray_session
+    from raysseg.rundir.steps import refine_step
 
     with ray_session(address=args.address, num_cpus=args.num_cpus):
-        run_single_step(config, step=f"stage_{args.stage}/refine")
+        run_single_step(config, refine_step(args.stage))
     return 0
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
-    from raysseg.tune_space import load_space
+    from raysseg.tuning.space import load_space
 
     # Config and space are checked before Ray starts: a wrong key fails in seconds, no trial runs.
     config = _load_for_training(args)
@@ -155,10 +157,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_verify(args: argparse.Namespace) -> int:
     from collections import Counter
 
-    from raysseg.data import io
+    from raysseg import storage
     from raysseg.verify import verify_run
 
-    if not io.is_dir(args.run_dir):
+    if not storage.is_dir(args.run_dir):
         print(f"raysseg verify: run directory '{args.run_dir}' does not exist", file=sys.stderr)
         return 2
     tally: Counter = Counter()

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from raysseg import storage
 from raysseg.config import Config
 from raysseg.data import io
 from raysseg.data.transforms import normalize
@@ -69,12 +70,16 @@ def predict_paths(
 ) -> int:
     """Write <name>.png (palette class map) and <name>_overlay.png for every input image."""
     model = restore_model(load_checkpoint(checkpoint)).eval()
-    io.makedirs(out_dir)  # a local path or a URI; the inputs are local files
+    storage.makedirs(out_dir)  # a local path or a URI; the inputs are local files
     written = 0
     for path in _expand_inputs(inputs):
         image = io.read_image(str(path))
         label = predict_label(model, image, config, multiscale=True, crf=crf)
-        io.write_png_atomic(io.join(out_dir, f"{path.stem}.png"), label, palette=io.voc_palette())
-        io.write_png_atomic(io.join(out_dir, f"{path.stem}_overlay.png"), overlay(image, label))
+        io.write_png_atomic(
+            storage.join(out_dir, f"{path.stem}.png"), label, palette=io.voc_palette()
+        )
+        io.write_png_atomic(
+            storage.join(out_dir, f"{path.stem}_overlay.png"), overlay(image, label)
+        )
         written += 1
     return written

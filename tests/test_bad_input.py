@@ -30,23 +30,18 @@ import torch
 from PIL import Image
 from ray_helpers import tiny_config
 
-from raysseg import layout
+from raysseg import storage
 from raysseg.config import ConfigError, load_config
 from raysseg.data import io
 from raysseg.data.dataset import StageDataset
-from raysseg.data.records import (
-    DataError,
-    Record,
-    coco_records,
-    folder_records,
-    read_manifest,
-    voc_records,
-    write_manifest,
-)
+from raysseg.data.manifest import read_manifest, write_manifest
+from raysseg.data.records import DataError, Record
+from raysseg.data.sources import coco_records, folder_records, voc_records
 from raysseg.data.synth import generate_synthetic
 from raysseg.engine.checkpoint import CheckpointError, load_checkpoint
 from raysseg.labels.saliency import FolderSaliency
 from raysseg.labels.update import initial_labels
+from raysseg.rundir import layout
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -348,7 +343,7 @@ def test_non_utf8_file_names_are_named_not_crashed_on(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"caf\\udce9\.png' is not valid UTF-8"):
         io.read_image(path)
     with pytest.raises(ValueError, match=r"folder '.*imgs' holds a file whose name is not valid"):
-        io.list_files(str(folder))
+        storage.list_files(str(folder))
 
 
 def test_corrupt_coco_json_names_the_file(tmp_path: Path) -> None:
@@ -484,15 +479,13 @@ def _digest(folder: Path) -> dict[str, str]:
 @pytest.mark.ray
 @pytest.mark.timeout(300)
 def test_label_update_records_bad_inputs_and_keeps_everything_written(
-    tmp_path: Path, tmp_path_factory
+    local_ray, tmp_path: Path
 ) -> None:
-    import ray
-
     from raysseg.distributed.refine import update_labels
     from raysseg.engine.checkpoint import save_checkpoint
     from raysseg.model.network import build_model
 
-    data = tmp_path / "synth"
+    data = tmp_path / "synth"  # its own data set (not tiny_data): the test damages its files
     generate_synthetic(str(data), n_train=10, n_val=0, size=40, seed=8)
     config = tiny_config(data, tmp_path / "run", "resources.error_budget=0.5")
     run = config.run_dir
@@ -513,29 +506,23 @@ def test_label_update_records_bad_inputs_and_keeps_everything_written(
             saliency_cache=layout.saliency_cache(run),
         )
 
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    # A short temp dir: Ray's socket paths under it must stay below 107 bytes.
-    ray.init(num_cpus=3, include_dashboard=False, _temp_dir=str(tmp_path_factory.mktemp("ray")))
-    try:
-        assert update(0, "ground_truth", manifest)["written"] == 10
-        stage_0 = _digest(Path(layout.stage_dir(run, 0)))
+    assert update(0, "ground_truth", manifest)["written"] == 10
+    stage_0 = _digest(Path(layout.stage_dir(run, 0)))
 
-        # Image and saliency defects, met by the inference actors and the CRF/fusion tasks.
-        jpegs = data / "JPEGImages"
-        (jpegs / "train_000001.jpg").write_bytes((jpegs / "train_000001.jpg").read_bytes()[:200])
-        (jpegs / "train_000002.jpg").write_bytes(b"")
-        (data / "saliency" / "train_000003.png").unlink()
-        io.write_png_atomic(str(data / "saliency" / "train_000004.png"), np.zeros((5, 5), np.uint8))
-        summary = update(1, "initial", layout.stage_manifest(run, 0))
-        # GT-mask defects, met by the full-supervision label step.
-        masks = data / "SegmentationClass"
-        io.write_png_atomic(str(masks / "train_000005.png"), np.zeros((7, 7), np.uint8))
-        out_of_range = io.read_label(str(masks / "train_000006.png"))
-        out_of_range[0, 0] = 40
-        io.write_png_atomic(str(masks / "train_000006.png"), out_of_range, palette=io.voc_palette())
-        gt_summary = update(2, "ground_truth", manifest)
-    finally:
-        ray.shutdown()
+    # Image and saliency defects, met by the inference actors and the CRF/fusion tasks.
+    jpegs = data / "JPEGImages"
+    (jpegs / "train_000001.jpg").write_bytes((jpegs / "train_000001.jpg").read_bytes()[:200])
+    (jpegs / "train_000002.jpg").write_bytes(b"")
+    (data / "saliency" / "train_000003.png").unlink()
+    io.write_png_atomic(str(data / "saliency" / "train_000004.png"), np.zeros((5, 5), np.uint8))
+    summary = update(1, "initial", layout.stage_manifest(run, 0))
+    # GT-mask defects, met by the full-supervision label step.
+    masks = data / "SegmentationClass"
+    io.write_png_atomic(str(masks / "train_000005.png"), np.zeros((7, 7), np.uint8))
+    out_of_range = io.read_label(str(masks / "train_000006.png"))
+    out_of_range[0, 0] = 40
+    io.write_png_atomic(str(masks / "train_000006.png"), out_of_range, palette=io.voc_palette())
+    gt_summary = update(2, "ground_truth", manifest)
 
     assert summary["errors"] == 4 and summary["written"] == 6
     reasons = {

@@ -20,7 +20,7 @@ import yaml
 
 from raysseg.cli import build_parser
 from raysseg.config import load_config
-from raysseg.tune_space import load_space
+from raysseg.tuning.space import load_space
 
 REPO = Path(__file__).resolve().parents[1]
 # Run configs; runtime_env.yaml is Ray's, tune_space.yaml a search space (checked below).

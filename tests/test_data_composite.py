@@ -15,7 +15,8 @@ from raysseg.data.composite import (
     product_silhouette,
     read_idx,
 )
-from raysseg.data.records import labels_from_mask, voc_records
+from raysseg.data.records import labels_from_mask
+from raysseg.data.sources import voc_records
 
 
 def _write_idx(path, array: np.ndarray) -> None:

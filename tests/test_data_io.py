@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from raysseg import storage
 from raysseg.data import io
 
 
@@ -160,13 +161,13 @@ def test_write_png_atomic_rejects_float(tmp_path):
 
 
 def test_join_exists_list_files(tmp_path):
-    assert io.join("s3://bucket/root", "a", "b.png") == "s3://bucket/root/a/b.png"
+    assert storage.join("s3://bucket/root", "a", "b.png") == "s3://bucket/root/a/b.png"
     (tmp_path / "b.txt").write_text("x")
     (tmp_path / "a.txt").write_text("x")
     (tmp_path / "c.bin").write_text("x")
-    assert io.exists(io.join(str(tmp_path), "a.txt"))
-    assert not io.exists(io.join(str(tmp_path), "zzz.txt"))
-    listed = io.list_files(str(tmp_path), suffix=".txt")
+    assert storage.exists(storage.join(str(tmp_path), "a.txt"))
+    assert not storage.exists(storage.join(str(tmp_path), "zzz.txt"))
+    listed = storage.list_files(str(tmp_path), suffix=".txt")
     assert [Path(p).name for p in listed] == ["a.txt", "b.txt"]
 
 
@@ -174,31 +175,31 @@ def test_copy_file_and_replace_dir(tmp_path):
     source = tmp_path / "src.bin"
     source.write_bytes(b"weights" * 1000)
     destination = tmp_path / "run" / "stage_0" / "model.pt"
-    io.copy_file(str(source), str(destination))
+    storage.copy_file(str(source), str(destination))
     assert destination.read_bytes() == source.read_bytes()
     assert sorted(p.name for p in destination.parent.iterdir()) == ["model.pt"]
     with pytest.raises(FileNotFoundError, match="absent"):
-        io.copy_file(str(tmp_path / "absent"), str(destination))
+        storage.copy_file(str(tmp_path / "absent"), str(destination))
 
     old, new = tmp_path / "manifest", tmp_path / "manifest.tmp-1"
     old.mkdir()
     (old / "stale.parquet").write_text("old")
     new.mkdir()
     (new / "part-0.parquet").write_text("new")
-    io.replace_dir(str(new), str(old))
+    storage.replace_dir(str(new), str(old))
     assert sorted(p.name for p in old.iterdir()) == ["part-0.parquet"]
     assert not new.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest", "run", "src.bin"]
     fresh = tmp_path / "fresh.tmp"
     fresh.mkdir()
     (fresh / "a").write_text("a")
-    io.replace_dir(str(fresh), str(tmp_path / "nested" / "target"))
+    storage.replace_dir(str(fresh), str(tmp_path / "nested" / "target"))
     assert (tmp_path / "nested" / "target" / "a").read_text() == "a"
 
 
 def test_write_atomic_streams_and_keeps_the_old_file_on_failure(tmp_path):
     target = tmp_path / "ckpt" / "model.pt"
-    io.write_atomic(str(target), lambda stream: stream.write(b"first"), durable=True)
+    storage.write_atomic(str(target), lambda stream: stream.write(b"first"), durable=True)
     assert target.read_bytes() == b"first"
 
     def broken(stream) -> None:
@@ -206,7 +207,7 @@ def test_write_atomic_streams_and_keeps_the_old_file_on_failure(tmp_path):
         raise RuntimeError("disk gone")
 
     with pytest.raises(RuntimeError, match="disk gone"):
-        io.write_atomic(str(target), broken, durable=True)
+        storage.write_atomic(str(target), broken, durable=True)
     assert target.read_bytes() == b"first"  # the old file survives, no temp file is left
     assert sorted(p.name for p in target.parent.iterdir()) == ["model.pt"]
 
@@ -214,9 +215,9 @@ def test_write_atomic_streams_and_keeps_the_old_file_on_failure(tmp_path):
 def test_seekable_source_is_the_local_path_and_names_missing_files(tmp_path):
     path = tmp_path / "w.pt"
     path.write_bytes(b"x")
-    assert io.is_local(str(path)) and io.is_local(f"file://{path}")
-    assert not io.is_local("s3://bucket/w.pt")
-    assert io.seekable_source(str(path)) == str(path)
-    assert io.seekable_source(f"file://{path}") == str(path)
+    assert storage.is_local(str(path)) and storage.is_local(f"file://{path}")
+    assert not storage.is_local("s3://bucket/w.pt")
+    assert storage.seekable_source(str(path)) == str(path)
+    assert storage.seekable_source(f"file://{path}") == str(path)
     with pytest.raises(FileNotFoundError, match=r"nope\.pt"):
-        io.seekable_source(str(tmp_path / "nope.pt"))
+        storage.seekable_source(str(tmp_path / "nope.pt"))

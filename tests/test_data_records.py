@@ -12,22 +12,18 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from raysseg.data import io, records
+from raysseg.data import io, label_files, manifest
+from raysseg.data.manifest import read_manifest, write_manifest
 from raysseg.data.records import (
     COCO_CLASS_NAMES,
     VOC_CLASS_NAMES,
     DataError,
     Record,
     class_names_for,
-    coco_class_names,
-    coco_records,
-    folder_records,
     labels_to_multihot,
-    read_manifest,
-    voc_records,
-    write_manifest,
 )
-from raysseg.layout import shard_of
+from raysseg.data.sources import coco_class_names, coco_records, folder_records, voc_records
+from raysseg.rundir.layout import shard_of
 
 
 def _write_voc(
@@ -180,9 +176,9 @@ def _cls_labels(labels: dict[str, tuple[int, ...]], length: int = 20) -> dict[st
 def test_cls_labels_npy_reads_as_psa_writes_it(tmp_path):
     path = tmp_path / "cls_labels.npy"
     np.save(path, _cls_labels({"2007_000032": (1, 15), "2007_000039": (), "2008_000002": (20,)}))
-    table = records.read_cls_labels(str(path), 21)
+    table = label_files.read_cls_labels(str(path), 21)
     assert table == {"2007_000032": (1, 15), "2007_000039": (), "2008_000002": (20,)}
-    assert records.read_labels_table(str(path), VOC_CLASS_NAMES) == table
+    assert label_files.read_labels_table(str(path), VOC_CLASS_NAMES) == table
 
 
 class _RunsCode:
@@ -194,7 +190,7 @@ def test_cls_labels_npy_never_runs_pickled_code(tmp_path):
     path = tmp_path / "cls_labels.npy"
     np.save(path, np.array({"a": _RunsCode()}, dtype=object), allow_pickle=True)
     with pytest.raises(DataError, match=r"cls_labels\.npy'.*refused to load global 'pathlib"):
-        records.read_cls_labels(str(path), 21)
+        label_files.read_cls_labels(str(path), 21)
     assert not Path("never-written").exists()
 
 
@@ -212,14 +208,14 @@ def test_cls_labels_npy_that_is_not_such_a_dict_names_the_file(tmp_path, content
     path = tmp_path / "cls_labels.npy"
     np.save(path, np.array(content, dtype=object) if isinstance(content, str) else content)
     with pytest.raises(DataError, match=rf"labels file '{path}'.*{message}"):
-        records.read_cls_labels(str(path), 21)
+        label_files.read_cls_labels(str(path), 21)
 
 
 def test_cls_labels_npy_of_text_names_the_file(tmp_path):
     path = tmp_path / "cls_labels.npy"
     path.write_text("image_id,labels\n")
     with pytest.raises(DataError, match=r"cls_labels\.npy': not a \.npy file"):
-        records.read_cls_labels(str(path), 21)
+        label_files.read_cls_labels(str(path), 21)
 
 
 def test_voc_missing_split_file_named(tmp_path):
@@ -497,9 +493,9 @@ def test_manifest_overwrite_removes_stale_parts(tmp_path):
 
 def test_part_writer_groups_small_tables_into_full_row_groups_and_files(tmp_path, monkeypatch):
     # A label update hands the writer a few rows at a time; readers index whole row groups.
-    monkeypatch.setattr(records, "ROWS_PER_GROUP", 8)
+    monkeypatch.setattr(manifest, "ROWS_PER_GROUP", 8)
     schema = pa.schema([("n", pa.int32()), ("name", pa.string())])
-    writer = records.PartWriter(str(tmp_path / "out"), schema, rows_per_file=20)
+    writer = manifest.PartWriter(str(tmp_path / "out"), schema, rows_per_file=20)
     for start in range(0, 75, 3):
         numbers = list(range(start, start + 3))
         # Columns in another order and wider types: the writer selects and casts to its schema.
@@ -519,7 +515,7 @@ def test_part_writer_groups_small_tables_into_full_row_groups_and_files(tmp_path
 
 def test_part_writer_without_rows_writes_one_empty_part_with_the_schema(tmp_path):
     schema = pa.schema([("n", pa.int32())])
-    assert records.PartWriter(str(tmp_path / "out"), schema).close() == 0
+    assert manifest.PartWriter(str(tmp_path / "out"), schema).close() == 0
     (only,) = (tmp_path / "out").iterdir()
     assert pq.read_schema(only) == schema and pq.read_metadata(only).num_rows == 0
 

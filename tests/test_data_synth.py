@@ -8,10 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from raysseg.cli import main
 from raysseg.data import io
 from raysseg.data.dataset import StageDataset
-from raysseg.data.records import read_class_names, voc_records
-from raysseg.data.synth import generate_synthetic, main, synthesize_image, synthetic_class_names
+from raysseg.data.records import read_class_names
+from raysseg.data.sources import voc_records
+from raysseg.data.synth import generate_synthetic, synthesize_image, synthetic_class_names
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +64,7 @@ def test_masks_consistent_with_labels(synth_root):
 def test_labels_file_path_matches_masks(synth_root):
     from_masks = [r.labels for r in voc_records(str(synth_root), "val")]
     # The labels CSV written by the generator reads back to the same labels.
-    from raysseg.data.records import read_labels_table
+    from raysseg.data.label_files import read_labels_table
 
     names = read_class_names(str(synth_root / "class_names.txt"))
     table = read_labels_table(str(synth_root / "image_labels.csv"), names)
@@ -115,7 +117,9 @@ def test_class_pattern_parts_are_small(synth_root):
 
 def test_cli_main_and_stage_dataset(tmp_path):
     out = tmp_path / "cli"
-    assert main(["--out", str(out), "--n", "4", "--n-val", "2", "--size", "40"]) == 0
+    assert (
+        main(["data", "synth", "--out", str(out), "--n", "4", "--n-val", "2", "--size", "40"]) == 0
+    )
     records = list(voc_records(str(out), "train"))
     assert len(records) == 4
     item = StageDataset(records, mode="eval", num_classes=6)[0]

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_engine_fakes import FakeSegNet, tiny_batches
+from fakes import FakeSegNet, tiny_batches
 from torch import nn
 
 from raysseg.config import LossConfig, OptimConfig

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_engine_fakes import FakeOutputs, FakeSegNet, OracleSegNet, tiny_batches
+from fakes import FakeOutputs, FakeSegNet, OracleSegNet, tiny_batches
 from torch import nn
 
 from raysseg.config import LossConfig, OptimConfig
@@ -20,7 +20,7 @@ from raysseg.engine.optim import PolyLR, build_optimizer, warmup_param_groups
 CPU = torch.device("cpu")
 
 
-def _train(model, batches, epochs, mode="full", groups=None, lr=0.05):
+def _train(model, batches, epochs, mode="train", groups=None, lr=0.05):
     torch.manual_seed(0)
     optimizer = build_optimizer(model, OptimConfig(lr=lr, head_lr_mult=1.0), groups=groups)
     scheduler = PolyLR(optimizer, total_steps=epochs * len(batches), power=0.9)

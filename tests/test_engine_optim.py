@@ -4,7 +4,7 @@ import itertools
 
 import pytest
 import torch
-from test_engine_fakes import FakeSegNet
+from fakes import FakeSegNet
 
 from raysseg.config import OptimConfig, load_config
 from raysseg.engine.optim import PolyLR, build_optimizer, restrict_param_groups, warmup_param_groups

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_engine_fakes import tiny_batches
+from fakes import tiny_batches
 
 from raysseg.config import LossConfig, ModelConfig, OptimConfig
 from raysseg.engine.checkpoint import load_checkpoint, restore_model, save_checkpoint

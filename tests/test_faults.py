@@ -1,10 +1,11 @@
-"""Faults survived: a killed training worker, a killed driver (mid label update, between steps), a
-node removed during a label update.
+"""Faults survived: killed drivers (between steps, then mid label update) with the pipeline finished
+by `ray job submit` on a token-auth head, a killed training worker, a node removed during a label
+update.
 
 Every process killed here was started by the test itself and is found by its pid: Ray Train workers
-are descendants of this test's own Ray (its private temp dir names them), drivers are subprocesses in
-their own process group, nodes belong to this test's `Cluster`. Never `ray stop` or kill by name:
-other Ray sessions share the machine.
+are descendants of the local Ray of this process (its private temp dir names them), drivers are
+subprocesses in their own process group, nodes belong to this test's simulated cluster. Never
+`ray stop` or kill by name: other Ray sessions share the machine.
 """
 
 from __future__ import annotations
@@ -23,22 +24,27 @@ from pathlib import Path
 import pytest
 import ray
 import torch
-from ray.cluster_utils import Cluster
-from ray_helpers import tiny_config
-from test_job_submit import _processes_under, _start_head, _stop_head, _tiny_job_config
+from ray_helpers import (
+    REPO,
+    Head,
+    assert_steps_done,
+    processes_under,
+    refused_output,
+    submit_job,
+    tiny_config,
+    tiny_job_config,
+)
 
-from raysseg import layout
-from raysseg.data.records import read_manifest, voc_records, write_manifest
-from raysseg.data.synth import generate_synthetic
+from raysseg.data.manifest import read_manifest, write_manifest
+from raysseg.data.sources import voc_records
 from raysseg.distributed.refine import update_stage_labels
 from raysseg.distributed.train import StageSpec, train_stage
 from raysseg.engine.checkpoint import load_checkpoint, save_checkpoint
 from raysseg.model.network import build_model
+from raysseg.rundir import layout
 from raysseg.verify import verify_run
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _wait_for(condition: Callable[[], bool], timeout_s: float, what: str, poll_s: float = 0.02):
@@ -59,22 +65,128 @@ def _cmdline(pid: int) -> str:
     return ""
 
 
+def _split_ids(data_root: Path) -> list[str]:
+    return (data_root / "ImageSets" / "Segmentation" / "train.txt").read_text().split()
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver killed (SIGKILL) between steps, its rerun killed mid label update, then the same
+# pipeline submitted as a job: all on one private head with token authentication.
+
+
+def _pipeline_args(config: Path) -> list[str]:
+    # refine_batch_size=1: labels appear one image at a time, so the kill lands mid-update.
+    return ["pipeline", "--config", str(config), "resources.refine_batch_size=1"]
+
+
+def _start_driver(head: Head, config: Path, log: Path) -> subprocess.Popen:
+    env = {
+        **head.env,  # HOME holds the head's token; RAY_AUTH_MODE=token
+        "RAY_ADDRESS": head.address,
+        "PYTHONPATH": str(REPO),
+        "PYTHONUNBUFFERED": "1",  # every log line reaches the file before the kill
+    }
+    with open(log, "ab") as out:
+        # Own session = own process group: the kill reaches the driver and anything it spawned.
+        return subprocess.Popen(
+            [sys.executable, "-m", "raysseg", *_pipeline_args(config)],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def _kill_driver(driver: subprocess.Popen) -> None:
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait(timeout=60)
+
+
+def _settled_count(run_dir: Path, stage: int) -> int:
+    """Label files once the killed job's last tasks are gone (the count stops changing)."""
+    previous, stable_since = -1, time.monotonic()
+    while time.monotonic() - stable_since < 3.0:
+        count = len(_seg_files(run_dir, stage))
+        if count != previous:
+            previous, stable_since = count, time.monotonic()
+        time.sleep(0.2)
+    return previous
+
+
+def _step_names(log: Path, wanted: Callable[[str], bool]) -> list[str]:
+    """The steps named by the driver's `wanted` log lines ("[3/6] stage_0/labels: running")."""
+    lines = log.read_text().splitlines()
+    return [line.split("] ", 1)[1].split(":")[0] for line in lines if wanted(line)]
+
+
+@pytest.mark.timeout(900)
+def test_killed_drivers_then_a_token_auth_job_finish_the_pipeline_labelling_each_image_once(
+    private_head, tiny_data: Path, tmp_path: Path
+) -> None:
+    head = private_head("token")
+    root = head.temp_dir.parent
+    config = tiny_job_config(root, tiny_data)
+    run_dir = root / "run"
+    images = len(_split_ids(tiny_data))
+
+    # 1. The driver killed between steps: as soon as the warm-up is done.
+    first_log = tmp_path / "first.log"
+    driver = _start_driver(head, config, first_log)
+    _wait_for(
+        lambda: (run_dir / "warmup.DONE").exists() or driver.poll() is not None,
+        300,
+        "the warm-up to finish",
+    )
+    _kill_driver(driver)
+    done = sorted(p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*.DONE"))
+    assert "warmup.DONE" in done, first_log.read_text()[-3000:]
+    warmup_weights = (run_dir / "warmup" / "checkpoint" / "checkpoint.pt").read_bytes()
+    labels_before = _settled_count(run_dir, 0)
+
+    # 2. The same command rerun starts at the next unfinished step; killed mid label update.
+    second_log = tmp_path / "second.log"
+    rerun = _start_driver(head, config, second_log)
+    _wait_for(
+        lambda: len(_seg_files(run_dir, 0)) > labels_before or rerun.poll() is not None,
+        300,
+        "the first stage-0 label of the rerun",
+    )
+    _kill_driver(rerun)
+    ran = _step_names(second_log, lambda line: line.endswith(": running"))
+    skipped = _step_names(second_log, lambda line: "done earlier" in line)
+    finished_before = [name.removesuffix(".DONE") for name in done]
+    assert sorted(skipped) == sorted(finished_before), second_log.read_text()[-3000:]
+    assert ran and ran[0] not in finished_before and "warmup" not in ran, ran
+    assert not (run_dir / "stage_0" / "labels.DONE").exists(), second_log.read_text()[-3000:]
+    before_job = _settled_count(run_dir, 0)
+    assert 0 < before_job <= images
+
+    # 3. The pipeline submitted as a job (`ray job submit --working-dir`) on the token-auth head.
+    submit_job(head, _pipeline_args(config))
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "metrics.json").is_file()
+    assert_steps_done(run_dir)
+    marker = json.loads((run_dir / "stage_0" / "labels.DONE").read_text())
+    # Labelled exactly once: what the killed run finished is skipped, only the rest is written.
+    assert marker["skipped"] == before_job and marker["written"] == images - before_job
+    assert len(_seg_files(run_dir, 0)) == images
+    assert len(list(read_manifest(layout.stage_manifest(str(run_dir), 0)))) == images
+    # The finished warm-up was not retrained: its weights are byte for byte those of the first run.
+    assert (run_dir / "warmup" / "checkpoint" / "checkpoint.pt").read_bytes() == warmup_weights
+    assert [str(p) for p in verify_run(str(run_dir))] == []  # also: no temp / partial files
+
+    # The head itself turns away clients without the token, or with a wrong one.
+    assert "Unauthorized" in refused_output(head, root / "nobody")
+    wrong = refused_output(head, root / "nobody", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="0" * 32)
+    assert "token is invalid" in wrong
+
+
 # ---------------------------------------------------------------------------------------------
 # A Ray Train worker killed mid-epoch
 
 
-@pytest.fixture
-def own_ray(tmp_path_factory):
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    temp_dir = tmp_path_factory.mktemp("ray")
-    ray.init(num_cpus=3, include_dashboard=False, _temp_dir=str(temp_dir))
-    yield temp_dir
-    ray.shutdown()
-
-
 def _train_worker_pids(ray_temp_dir: Path) -> list[int]:
-    """Ray Train worker processes of THIS test's Ray (descendants of its raylet)."""
-    return [pid for pid in _processes_under(ray_temp_dir) if "RayTrainWorker" in _cmdline(pid)]
+    """Ray Train worker processes of this process's local Ray (descendants of its raylet)."""
+    return [pid for pid in processes_under(ray_temp_dir) if "RayTrainWorker" in _cmdline(pid)]
 
 
 def _checkpoint_states(storage: Path) -> list[dict]:
@@ -91,11 +203,11 @@ def _checkpoint_states(storage: Path) -> list[dict]:
 
 
 def test_training_worker_killed_mid_epoch_resumes_to_the_same_weights(
-    own_ray: Path, tmp_path: Path
+    local_ray: Path, tiny_data_factory, tmp_path: Path
 ) -> None:
-    data = tmp_path / "synth"
-    generate_synthetic(str(data), n_train=64, n_val=0, size=64, seed=4)
-    epochs = 3
+    data = tiny_data_factory(n_train=64, n_val=0, size=64, seed=4)
+    # Two epochs: the kill lands in the second, right after the first one's checkpoint.
+    epochs = 2
 
     def run(name: str, kill: bool) -> tuple[dict, list[dict], list[int]]:
         # 64 images of 64 px: an epoch lasts about a second, so the kill lands inside one.
@@ -107,7 +219,7 @@ def test_training_worker_killed_mid_epoch_resumes_to_the_same_weights(
         killed: list[int] = []
         if kill:
             threading.Thread(
-                target=_kill_after_first_checkpoint, args=(own_ray, storage, killed), daemon=True
+                target=_kill_after_first_checkpoint, args=(local_ray, storage, killed), daemon=True
             ).start()
         result = train_stage(config, spec)
         return load_checkpoint(result["checkpoint"]), _checkpoint_states(storage), killed
@@ -162,153 +274,16 @@ def _kill_after_first_checkpoint(ray_temp_dir: Path, storage: Path, killed: list
 
 
 # ---------------------------------------------------------------------------------------------
-# The driver killed (SIGKILL) mid label update, and between steps; the same command rerun
+# A worker node removed from a 3-node cluster during a label update (last in this module: the
+# fresh cluster replaces the local Ray above)
 
 
-@pytest.fixture
-def head(tmp_path_factory):
-    """A private head (own ports, temp dir, HOME); drivers join it, so killing a driver orphans
-    nothing, and teardown stops exactly this head's processes."""
-    import shutil
-    import tempfile
-
-    root = Path(tempfile.mkdtemp(prefix="rsf", dir="/tmp"))  # short: Ray's socket paths
-    started = _start_head(root, "disabled")
-    yield root, started
-    _stop_head(root / "r")
-    shutil.rmtree(root, ignore_errors=True)
-
-
-def _pipeline_command(config: Path) -> list[str]:
-    # refine_batch_size=1: labels appear one image at a time, so the kill lands mid-update.
-    return [
-        sys.executable,
-        "-m",
-        "raysseg",
-        "pipeline",
-        "--config",
-        str(config),
-        "resources.refine_batch_size=1",
-    ]
-
-
-def _start_driver(head_info, config: Path, log: Path) -> subprocess.Popen:
-    env = {**head_info.env, "RAY_ADDRESS": head_info.address, "PYTHONPATH": str(REPO)}
-    with open(log, "ab") as out:
-        # Own session = own process group: the kill reaches the driver and anything it spawned.
-        return subprocess.Popen(
-            _pipeline_command(config),
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-
-def _kill_driver(driver: subprocess.Popen) -> None:
-    os.killpg(driver.pid, signal.SIGKILL)
-    driver.wait(timeout=60)
-
-
-def _settled_count(run_dir: Path, stage: int) -> int:
-    """Label files once the killed job's last tasks are gone (the count stops changing)."""
-    previous, stable_since = -1, time.monotonic()
-    while time.monotonic() - stable_since < 3.0:
-        count = len(_seg_files(run_dir, stage))
-        if count != previous:
-            previous, stable_since = count, time.monotonic()
-        time.sleep(0.2)
-    return previous
-
-
-def test_driver_killed_mid_label_update_then_rerun_labels_every_image_once(head, tmp_path) -> None:
-    root, head_info = head
-    config = _tiny_job_config(root)
-    run_dir = root / "run"
-    images = len(list(_split_ids(root / "data")))
-    log = tmp_path / "driver.log"
-
-    driver = _start_driver(head_info, config, log)
-    _wait_for(
-        lambda: len(_seg_files(run_dir, 0)) >= 1 or driver.poll() is not None,
-        300,
-        "the first stage-0 label",
-    )
-    _kill_driver(driver)
-    assert not (run_dir / "stage_0" / "labels.DONE").exists(), log.read_text()[-3000:]
-    before_rerun = _settled_count(run_dir, 0)
-    assert 0 < before_rerun <= images
-
-    rerun = _start_driver(head_info, config, log)
-    assert rerun.wait(timeout=400) == 0, log.read_text()[-5000:]
-    marker = json.loads((run_dir / "stage_0" / "labels.DONE").read_text())
-    # Labelled exactly once: what the killed run finished is skipped, only the rest is written.
-    assert marker["skipped"] == before_rerun and marker["written"] == images - before_rerun
-    assert len(_seg_files(run_dir, 0)) == images
-    assert len(list(read_manifest(layout.stage_manifest(str(run_dir), 0)))) == images
-    problems = [str(p) for p in verify_run(str(run_dir))]  # also: no temp / partial files
-    assert problems == []
-
-
-def _split_ids(data_root: Path) -> list[str]:
-    return (data_root / "ImageSets" / "Segmentation" / "train.txt").read_text().split()
-
-
-def test_driver_killed_between_steps_rerun_starts_at_the_next_unfinished_step(
-    head, tmp_path
+def test_worker_node_removed_during_label_update_job_completes(
+    fresh_ray_cluster, tiny_data_factory, tmp_path
 ) -> None:
-    root, head_info = head
-    config = _tiny_job_config(root)
-    run_dir = root / "run"
-    log = tmp_path / "driver.log"
-
-    driver = _start_driver(head_info, config, log)
-    _wait_for(
-        lambda: (run_dir / "warmup.DONE").exists() or driver.poll() is not None,
-        300,
-        "the warm-up to finish",
-    )
-    _kill_driver(driver)
-    done = sorted(p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*.DONE"))
-    assert "warmup.DONE" in done, log.read_text()[-3000:]
-    warmup_weights = (run_dir / "warmup" / "checkpoint" / "checkpoint.pt").read_bytes()
-
-    log.write_text("")
-    rerun = _start_driver(head_info, config, log)
-    assert rerun.wait(timeout=400) == 0, log.read_text()[-5000:]
-    lines = log.read_text().splitlines()
-    ran = [line.split("] ", 1)[1].split(":")[0] for line in lines if line.endswith(": running")]
-    skipped = [line.split("] ", 1)[1].split(":")[0] for line in lines if "done earlier" in line]
-    finished_before = [name.removesuffix(".DONE") for name in done]
-    assert sorted(skipped) == sorted(finished_before), lines
-    assert ran and ran[0] not in finished_before and "warmup" not in ran, lines
-    # The finished warm-up was not retrained: its weights are byte for byte those of the first run.
-    assert (run_dir / "warmup" / "checkpoint" / "checkpoint.pt").read_bytes() == warmup_weights
-    assert (run_dir / "final.DONE").exists()
-    assert [str(p) for p in verify_run(str(run_dir))] == []
-
-
-# ---------------------------------------------------------------------------------------------
-# A worker node removed from a 3-node cluster during a label update
-
-
-@pytest.fixture
-def three_nodes():
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    workers = [cluster.add_node(num_cpus=2) for _ in range(2)]
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address)
-    yield cluster, workers
-    ray.shutdown()
-    cluster.shutdown()
-
-
-def test_worker_node_removed_during_label_update_job_completes(three_nodes, tmp_path) -> None:
-    cluster, workers = three_nodes
-    data = tmp_path / "synth"
-    n_images = 40
-    generate_synthetic(str(data), n_train=n_images, n_val=0, size=40, seed=6)
+    cluster, workers = fresh_ray_cluster.cluster, fresh_ray_cluster.workers
+    n_images = 24
+    data = tiny_data_factory(n_train=n_images, n_val=0, size=40, seed=6)
     config = tiny_config(data, tmp_path / "run", "resources.refine_batch_size=1")
     manifest = layout.dataset_manifest(config.run_dir, "train")
     write_manifest(voc_records(str(data), "train"), manifest)

@@ -23,7 +23,7 @@ from raysseg.labels.saliency import (
     resolve_saliency,
     u2netp_model_path,
 )
-from raysseg.layout import shard_of
+from raysseg.rundir.layout import shard_of
 
 
 def _check_map(saliency: np.ndarray, shape: tuple[int, int]) -> None:

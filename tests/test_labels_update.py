@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from fakes import FakeOutputs
 from torch import nn
 
 from raysseg.config import IGNORE_INDEX, LabelsConfig, ModelConfig
@@ -15,17 +16,6 @@ from raysseg.data.transforms import normalize
 from raysseg.labels.cam import multiscale_cam, normalize_cam
 from raysseg.labels.update import finalize_labels, infer_label_maps, initial_labels
 from raysseg.model.network import build_model
-
-
-@dataclass
-class FakeOutputs:
-    cls_logits: torch.Tensor
-    cam: torch.Tensor
-    seg: torch.Tensor | None = None
-    sal: torch.Tensor | None = None
-    seg_refined: torch.Tensor | None = None
-    sal_refined: torch.Tensor | None = None
-    affinity: torch.Tensor | None = None
 
 
 class FakeAuxModel(nn.Module):

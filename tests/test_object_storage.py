@@ -20,15 +20,16 @@ import ray
 from moto.server import ThreadedMotoServer
 from ray_helpers import tiny_config
 
-from raysseg import layout
+from raysseg import storage
 from raysseg.data import io
-from raysseg.data.records import Record, read_manifest, write_manifest
-from raysseg.data.synth import generate_synthetic
+from raysseg.data.manifest import read_manifest, write_manifest
+from raysseg.data.records import Record
 from raysseg.distributed.pipeline import run_pipeline
 from raysseg.distributed.refine import update_labels
 from raysseg.distributed.train import StageSpec, train_stage
 from raysseg.engine.checkpoint import load_checkpoint, save_checkpoint
 from raysseg.model.network import build_model
+from raysseg.rundir import layout
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
 
@@ -69,56 +70,52 @@ def s3_bucket():
 
 @pytest.fixture(scope="module")
 def ray_with_s3(s3_bucket, tmp_path_factory):
-    # Started after the AWS_* variables are set: Ray workers inherit the driver's environment.
+    # A Ray of its own, not conftest's local_ray: it must start after the AWS_* variables are set,
+    # since Ray workers inherit the environment the driver had when Ray started.
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     ray.init(num_cpus=4, include_dashboard=False, _temp_dir=str(tmp_path_factory.mktemp("ray")))
     yield s3_bucket
     ray.shutdown()
 
 
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory) -> Path:
-    # The dataset stays local (images are read by URI either way); the run directory is on S3.
-    root = tmp_path_factory.mktemp("synth")
-    generate_synthetic(str(root), n_train=8, n_val=0, size=40, seed=2)
-    return root
-
-
 def _objects(bucket_uri: str, prefix: str) -> list[str]:
-    filesystem, path = io.resolve(io.join(bucket_uri, prefix))
+    filesystem, path = storage.resolve(storage.join(bucket_uri, prefix))
     infos = filesystem.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
     return sorted(info.path for info in infos if info.type == pafs.FileType.File)
 
 
 def test_io_round_trips_on_s3(s3_bucket, tmp_path) -> None:
-    root = io.join(s3_bucket, "io")
+    root = storage.join(s3_bucket, "io")
     label = np.arange(12, dtype=np.uint8).reshape(3, 4)
-    io.write_png_atomic(io.join(root, "a", "label.png"), label, palette=io.voc_palette())
-    assert io.exists(io.join(root, "a", "label.png"))
-    assert not io.exists(io.join(root, "a", "other.png"))
-    np.testing.assert_array_equal(io.read_label(io.join(root, "a", "label.png")), label)
+    io.write_png_atomic(storage.join(root, "a", "label.png"), label, palette=io.voc_palette())
+    assert storage.exists(storage.join(root, "a", "label.png"))
+    assert not storage.exists(storage.join(root, "a", "other.png"))
+    np.testing.assert_array_equal(io.read_label(storage.join(root, "a", "label.png")), label)
 
     local = tmp_path / "local.png"
     io.write_png_atomic(str(local), label)
-    io.copy_file(str(local), io.join(root, "b", "copied.png"))  # local -> S3
-    io.copy_file(io.join(root, "b", "copied.png"), io.join(root, "c", "again.png"))  # S3 -> S3
-    np.testing.assert_array_equal(io.read_label(io.join(root, "c", "again.png")), label)
-    io.copy_file(io.join(root, "c", "again.png"), str(tmp_path / "back.png"))  # S3 -> local
+    storage.copy_file(str(local), storage.join(root, "b", "copied.png"))  # local -> S3
+    # S3 -> S3
+    storage.copy_file(storage.join(root, "b", "copied.png"), storage.join(root, "c", "again.png"))
+    np.testing.assert_array_equal(io.read_label(storage.join(root, "c", "again.png")), label)
+    # S3 -> local
+    storage.copy_file(storage.join(root, "c", "again.png"), str(tmp_path / "back.png"))
     assert (tmp_path / "back.png").read_bytes() == local.read_bytes()
 
-    io.replace_dir(io.join(root, "b"), io.join(root, "a"))  # replaces a/label.png by copied.png
-    assert io.list_files(io.join(root, "a")) == [io.join(root, "a", "copied.png")]
-    assert not io.exists(io.join(root, "b", "copied.png"))
+    # Replaces a/label.png by copied.png.
+    storage.replace_dir(storage.join(root, "b"), storage.join(root, "a"))
+    assert storage.list_files(storage.join(root, "a")) == [storage.join(root, "a", "copied.png")]
+    assert not storage.exists(storage.join(root, "b", "copied.png"))
 
     records = [Record(f"img_{i}", f"s3://elsewhere/img_{i}.jpg", (i % 3 + 1,)) for i in range(5)]
-    manifest = io.join(root, "manifest")
+    manifest = storage.join(root, "manifest")
     assert write_manifest(records, manifest, rows_per_file=2) == 5
-    assert len(io.list_files(manifest, suffix=".parquet")) == 3
+    assert len(storage.list_files(manifest, suffix=".parquet")) == 3
     assert list(read_manifest(manifest)) == records
     assert write_manifest(records[:1], manifest) == 1  # stale parts of the old manifest removed
     assert list(read_manifest(manifest)) == records[:1]
 
-    checkpoint = io.join(root, "weights", "checkpoint.pt")
+    checkpoint = storage.join(root, "weights", "checkpoint.pt")
     config = tiny_config(Path("unused"), Path("unused"))
     save_checkpoint(checkpoint, build_model(config.model), epoch=3)
     assert load_checkpoint(checkpoint)["epoch"] == 3
@@ -126,9 +123,11 @@ def test_io_round_trips_on_s3(s3_bucket, tmp_path) -> None:
 
 
 @pytest.fixture(scope="module")
-def pipeline_on_s3(ray_with_s3, tiny_data):
+def pipeline_on_s3(ray_with_s3, tiny_data_factory):
     """The whole pipeline (one stage) with its run directory on S3; shared by the tests below."""
-    run_dir = io.join(ray_with_s3, "run")
+    # The dataset stays local (images are read by URI either way); the run directory is on S3.
+    tiny_data = tiny_data_factory(n_train=8, n_val=0, size=40, seed=2)
+    run_dir = storage.join(ray_with_s3, "run")
     # No validation split: the final evaluation reads through the same storage helpers as the
     # label steps, and leaving it out keeps this module within a few minutes on 2 cores.
     config = tiny_config(
@@ -142,12 +141,12 @@ def test_pipeline_keeps_every_artifact_on_s3_and_resumes(pipeline_on_s3, s3_buck
     run_dir = config.run_dir
     steps = ["manifest", "warmup", "stage_0/labels", "stage_0/train", "stage_0/refine", "final"]
     for step in steps:
-        assert io.exists(io.join(run_dir, f"{step}.DONE")), step
-    assert io.exists(io.join(run_dir, "config.yaml")) and io.exists(
-        io.join(run_dir, "metrics.json")
+        assert storage.exists(storage.join(run_dir, f"{step}.DONE")), step
+    assert storage.exists(storage.join(run_dir, "config.yaml")) and storage.exists(
+        storage.join(run_dir, "metrics.json")
     )
     for stage in ("warmup", "stage_0"):
-        final = load_checkpoint(io.join(run_dir, stage, "checkpoint", "checkpoint.pt"))
+        final = load_checkpoint(storage.join(run_dir, stage, "checkpoint", "checkpoint.pt"))
         assert final["epoch"] == 1
     assert len(list(read_manifest(layout.stage_manifest(run_dir, 1)))) == 8
     label_keys = ["label_miou", "label_precision", "label_recall", "label_scored_images", "stage"]
@@ -160,16 +159,16 @@ def test_pipeline_keeps_every_artifact_on_s3_and_resumes(pipeline_on_s3, s3_buck
 
     # Credentials come from the environment and are never persisted with the run.
     for key in _objects(s3_bucket, "run"):
-        assert SECRET.encode() not in io.read_bytes(f"s3://{key}"), key
+        assert SECRET.encode() not in storage.read_bytes(f"s3://{key}"), key
 
 
 def test_training_stage_resumes_from_its_checkpoint_on_s3(pipeline_on_s3, s3_bucket) -> None:
     config, _ = pipeline_on_s3
     run_dir = config.run_dir
-    storage = io.join(run_dir, "warmup", "train")
+    train_storage = storage.join(run_dir, "warmup", "train")
     before = [k for k in _objects(s3_bucket, "run/warmup/train") if k.endswith("checkpoint.pt")]
     assert len(before) == 1
-    first_bytes = io.read_bytes(f"s3://{before[0]}")
+    first_bytes = storage.read_bytes(f"s3://{before[0]}")
     spec = StageSpec(
         name="warmup",
         mode="warmup",
@@ -177,16 +176,16 @@ def test_training_stage_resumes_from_its_checkpoint_on_s3(pipeline_on_s3, s3_buc
         val_manifest="",
         init_checkpoint="",
         epochs=2,
-        storage_path=storage,
+        storage_path=train_storage,
     )
     # One more epoch than the pipeline's warm-up: training continues from the stored checkpoint,
     # one new epoch and checkpoint, the first left as it was (a restart would train two epochs).
     resumed = train_stage(config, spec)
-    assert resumed["checkpoint"].startswith(f"{storage}/")
+    assert resumed["checkpoint"].startswith(f"{train_storage}/")
     assert load_checkpoint(resumed["checkpoint"])["epoch"] == 2
     after = [k for k in _objects(s3_bucket, "run/warmup/train") if k.endswith("checkpoint.pt")]
     assert len(after) == 2, after
-    assert io.read_bytes(f"s3://{before[0]}") == first_bytes
+    assert storage.read_bytes(f"s3://{before[0]}") == first_bytes
 
 
 def test_label_update_on_s3_skips_done_images_and_redoes_lost_ones(pipeline_on_s3, s3_bucket):
@@ -194,7 +193,7 @@ def test_label_update_on_s3_skips_done_images_and_redoes_lost_ones(pipeline_on_s
     run_dir = config.run_dir
     arguments = {
         "mode": "initial",
-        "checkpoint": io.join(run_dir, "warmup", "checkpoint", "checkpoint.pt"),
+        "checkpoint": storage.join(run_dir, "warmup", "checkpoint", "checkpoint.pt"),
         "in_manifest": layout.dataset_manifest(run_dir, "train"),
         "labels_root": layout.stage_labels(run_dir, 0),
         "out_manifest": layout.stage_manifest(run_dir, 0),
@@ -205,7 +204,7 @@ def test_label_update_on_s3_skips_done_images_and_redoes_lost_ones(pipeline_on_s
     # the five it finds on S3.
     rows = list(read_manifest(arguments["out_manifest"]))
     for row in rows[:3]:
-        io.delete_file(row.seg_label_uri)
+        storage.delete_file(row.seg_label_uri)
     resumed = update_labels(config, **arguments)
     assert (resumed["written"], resumed["skipped"], resumed["errors"]) == (3, 5, 0), resumed
     rows = list(read_manifest(arguments["out_manifest"]))

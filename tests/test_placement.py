@@ -3,22 +3,21 @@
 from __future__ import annotations
 
 import os
-import time
 
 import pyarrow.parquet as pq
 import pytest
 import ray
-from ray.cluster_utils import Cluster
 from ray_helpers import tiny_config
 
-from raysseg import layout
-from raysseg.data.records import voc_records, write_manifest
-from raysseg.data.synth import generate_synthetic
+from raysseg.data.manifest import write_manifest
+from raysseg.data.sources import voc_records
+from raysseg.distributed.datasets import inference_pool_options
 from raysseg.distributed.placement import PlacementError, train_worker_resources
-from raysseg.distributed.refine import inference_pool_options, update_labels
+from raysseg.distributed.refine import update_labels
 from raysseg.distributed.train import StageSpec, train_stage
 from raysseg.engine.checkpoint import save_checkpoint
 from raysseg.model.network import build_model
+from raysseg.rundir import layout
 
 
 def test_config_keys_become_ray_resource_requests(tmp_path) -> None:
@@ -39,19 +38,10 @@ def test_config_keys_become_ray_resource_requests(tmp_path) -> None:
 
 
 @pytest.fixture(scope="module")
-def cluster_with_crf_node(tmp_path_factory):
-    """A head and two worker nodes; only one worker advertises the custom resource `crf_node`."""
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    cluster.add_node(num_cpus=2)
-    crf_node = cluster.add_node(num_cpus=2, resources={"crf_node": 1})
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address)
-    data_root = tmp_path_factory.mktemp("synth")
-    generate_synthetic(str(data_root), n_train=12, n_val=0, size=40, seed=4)
-    yield crf_node.node_id, data_root
-    ray.shutdown()
-    cluster.shutdown()
+def cluster_with_crf_node(ray_cluster, tiny_data_factory):
+    """The simulated 3-node cluster (conftest): only one worker advertises `crf_node`."""
+    data_root = tiny_data_factory(n_train=12, n_val=0, size=40, seed=4)
+    return ray_cluster.crf_node_id, data_root
 
 
 def _label_update_arguments(config, data_root) -> dict:
@@ -97,8 +87,9 @@ def test_a_resource_no_node_has_fails_fast_naming_the_key(cluster_with_crf_node,
     checkpoint = str(tmp_path / "warmup.pt")
     save_checkpoint(checkpoint, build_model(config.model))
     arguments = _label_update_arguments(config, data_root)
-    started = time.monotonic()
-    with pytest.raises(PlacementError, match=r"resources\.refine_custom.*gpu_node=1"):
+    actors_before, groups_before = _actor_ids(), set(ray.util.placement_group_table())
+    # The error comes after resources.placement_wait_s (no autoscaler adds a node), not never.
+    with pytest.raises(PlacementError, match=r"resources\.refine_custom.*gpu_node=1.*waited 2 s"):
         update_labels(config, mode="initial", checkpoint=checkpoint, **arguments)
     spec = StageSpec(
         name="warmup",
@@ -111,5 +102,15 @@ def test_a_resource_no_node_has_fails_fast_naming_the_key(cluster_with_crf_node,
     )
     with pytest.raises(PlacementError, match=r"resources\.train_custom.*crf_node"):
         train_stage(config, spec)  # the message lists what the nodes do advertise
-    assert time.monotonic() - started < 60
-    assert not os.path.exists(arguments["labels_root"])  # nothing was started
+    # Nothing was started: no actor (inference pool, Train controller or worker), no placement
+    # group for the Train workers, no label written.
+    assert _actor_ids() == actors_before
+    assert set(ray.util.placement_group_table()) == groups_before
+    assert not os.path.exists(arguments["labels_root"])
+
+
+def _actor_ids() -> set[str]:
+    """Every actor the cluster's GCS knows of, alive or dead (no dashboard needed)."""
+    from ray._private import state
+
+    return set(state.actors())

@@ -1,9 +1,10 @@
-"""The Ray shell on a local CPU cluster: a training stage, the label update, the pipeline."""
+"""The Ray shell on the local CPU Ray (conftest): a training stage, the label update, the pipeline.
+
+The data is conftest's tiny_data: 16 train and 4 val images of 48 px."""
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -11,36 +12,17 @@ import pytest
 import ray
 from ray_helpers import ONE_STAGE_STEPS, assert_steps_done, tiny_config
 
-from raysseg import layout
-from raysseg.data import io
-from raysseg.data.records import read_manifest, voc_records, write_manifest
+from raysseg import storage
+from raysseg.data.manifest import read_manifest, write_manifest
+from raysseg.data.sources import voc_records
 from raysseg.data.synth import generate_synthetic
 from raysseg.distributed.pipeline import run_pipeline
 from raysseg.distributed.refine import update_labels, update_stage_labels
 from raysseg.distributed.train import StageSpec, train_stage
 from raysseg.engine.checkpoint import load_checkpoint
+from raysseg.rundir import layout
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
-
-
-@pytest.fixture(scope="module")
-def local_ray(tmp_path_factory):
-    # More logical CPUs than cores: Ray Data reads must not starve behind actor pools (RAY_NOTES).
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    ray.init(
-        num_cpus=4,
-        include_dashboard=False,
-        _temp_dir=str(tmp_path_factory.mktemp("ray")),
-    )
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("synth")
-    generate_synthetic(str(root), n_train=16, n_val=4, size=48, seed=1)
-    return root
 
 
 def _train_manifest(config, data_root: Path) -> str:
@@ -110,7 +92,7 @@ def test_label_update_writes_one_label_per_image_then_nothing(local_ray, tiny_da
     assert len(seg_files) == 16
     rows = list(read_manifest(arguments["out_manifest"]))
     assert sorted(r.image_id for r in rows) == sorted(f"train_{i:06d}" for i in range(16))
-    assert all(io.exists(r.seg_label_uri) and io.exists(r.sal_label_uri) for r in rows)
+    assert all(storage.exists(r.seg_label_uri) and storage.exists(r.sal_label_uri) for r in rows)
 
     second = update_labels(config, **arguments)
     assert second["written"] == 0 and second["skipped"] == 16
@@ -296,7 +278,7 @@ def test_manifest_blocks_are_small_enough_to_keep_every_worker_busy(
     local_ray, tmp_path, rows, workers, batch, blocks, largest
 ) -> None:
     from raysseg.data.records import Record
-    from raysseg.distributed.refine import read_manifest_dataset
+    from raysseg.distributed.datasets import read_manifest_dataset
 
     records = [Record(f"img_{i:05d}", f"/data/img_{i:05d}.jpg", (1,)) for i in range(rows)]
     manifest = str(tmp_path / "manifest")

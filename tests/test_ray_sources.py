@@ -4,22 +4,21 @@ stage -> refine -> final) on a local Ray, on small datasets the tests write."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
-import ray
 from PIL import Image
 from pycocotools import mask as coco_mask
 from ray_helpers import assert_steps_done, tiny_config
 
-from raysseg import layout
+from raysseg import storage
 from raysseg.config import IGNORE_INDEX
 from raysseg.data import io
-from raysseg.data.records import read_manifest
+from raysseg.data.manifest import read_manifest
 from raysseg.data.synth import generate_synthetic
 from raysseg.distributed.pipeline import run_pipeline
+from raysseg.rundir import layout
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 
@@ -30,15 +29,6 @@ FAST = (
     "stages.count=1",
     "optim.batch_size=4",
 )
-
-
-@pytest.fixture(scope="module")
-def local_ray(tmp_path_factory):
-    # More logical CPUs than cores: Ray Data reads must not starve behind actor pools (RAY_NOTES).
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    ray.init(num_cpus=4, include_dashboard=False, _temp_dir=str(tmp_path_factory.mktemp("ray")))
-    yield
-    ray.shutdown()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -168,7 +158,7 @@ def test_coco_source_runs_end_to_end(local_ray, tmp_path) -> None:
     # Stage-0 and refined labels exist for every train image.
     for stage in (0, 1):
         for record in train:
-            assert io.exists(
+            assert storage.exists(
                 layout.label_uri(layout.stage_labels(str(run), stage), "seg", record.image_id)
             )
     # COCO masks exist for every image: all are scored.
@@ -213,7 +203,7 @@ def test_folder_source_runs_end_to_end_and_scores_the_images_with_masks(local_ra
     assert len(train) == 8 and sum(bool(r.mask_uri) for r in train) == 4
     for stage in (0, 1):
         for record in train:
-            assert io.exists(
+            assert storage.exists(
                 layout.label_uri(layout.stage_labels(str(run), stage), "seg", record.image_id)
             )
     for row in summary["stages"]:

@@ -10,16 +10,11 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from raysseg import layout
 from raysseg.data.dataset import BlockShuffleSampler
-from raysseg.data.records import (
-    ManifestRows,
-    Record,
-    manifest_row_count,
-    read_manifest,
-    write_manifest,
-)
+from raysseg.data.manifest import ManifestRows, manifest_row_count, read_manifest, write_manifest
+from raysseg.data.records import Record
 from raysseg.progress import ProgressMeter, format_duration
+from raysseg.rundir import layout
 
 
 def _records(n: int) -> list[Record]:
@@ -48,7 +43,7 @@ def test_manifest_rows_pickle_without_the_cached_group(tmp_path) -> None:
     assert copy._cached_table is None and copy[3] == rows[3]
 
 
-@pytest.mark.parametrize("world_size", [1, 2, 3])
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4, 5])
 def test_block_shuffle_sampler_covers_every_row_once_across_ranks(world_size: int) -> None:
     sizes = [7, 5, 9]  # 21 rows in three groups
     orders = [
@@ -57,9 +52,17 @@ def test_block_shuffle_sampler_covers_every_row_once_across_ranks(world_size: in
     ]
     lengths = {len(order) for order in orders}
     assert lengths == {-(-21 // world_size)}  # equal steps on every rank (DDP)
+    length = lengths.pop()
     seen = Counter(i for order in orders for i in order)
     assert set(seen) == set(range(21))
-    assert sum(seen.values()) - 21 == world_size * lengths.pop() - 21  # only padding repeats
+    # Only padding repeats: the sequence the ranks share (position p goes to rank p % world_size)
+    # holds every row once, then the padding up to world_size x length, each padded row once.
+    shared = [orders[p % world_size][p // world_size] for p in range(world_size * length)]
+    rows, padding = shared[:21], shared[21:]
+    assert sorted(rows) == list(range(21))
+    assert len(padding) == world_size * length - 21 and len(set(padding)) == len(padding)
+    assert {i for i, count in seen.items() if count > 1} == set(padding)
+    assert max(seen.values()) <= 2
 
 
 def test_block_shuffle_sampler_reads_groups_whole_and_reshuffles_per_epoch() -> None:

@@ -5,17 +5,15 @@ from __future__ import annotations
 import pytest
 
 from raysseg.config import Config, ConfigError
-from raysseg.tune_space import (
+from raysseg.rundir.steps import MANIFEST, WARMUP, refine_step, train_step
+from raysseg.tuning.results import best_trial, format_results, pareto_front, step_gpus
+from raysseg.tuning.space import (
     Param,
     TuneSettings,
     best_config,
-    best_trial,
-    format_results,
     load_space,
-    pareto_front,
     parse_param,
     parse_space,
-    step_gpus,
     trial_config,
 )
 
@@ -124,10 +122,10 @@ def test_step_gpus_counts_fractional_gpus() -> None:
             "resources.refine_gpus_per_actor": 0.25,
         },
     )
-    assert step_gpus(config, "stage_1/train") == 1.0
-    assert step_gpus(config, "stage_1/refine") == 0.75
-    assert step_gpus(config, "manifest") == 0.0
-    assert step_gpus(Config(), "warmup") == 0.0  # CPU config
+    assert step_gpus(config, train_step(1)) == 1.0
+    assert step_gpus(config, refine_step(1)) == 0.75
+    assert step_gpus(config, MANIFEST) == 0.0
+    assert step_gpus(Config(), WARMUP) == 0.0  # CPU config
 
 
 def _row(name: str, miou: float | None, hours: float, status: str = "completed") -> dict:

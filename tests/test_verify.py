@@ -11,14 +11,16 @@ import numpy as np
 import pytest
 from ray_helpers import tiny_config
 
-from raysseg import layout
+from raysseg import storage
 from raysseg.cli import main
 from raysseg.config import dump_yaml, to_dict
 from raysseg.data import io
-from raysseg.data.records import read_manifest, voc_records, write_manifest
+from raysseg.data.manifest import read_manifest, write_manifest
+from raysseg.data.sources import voc_records
 from raysseg.data.synth import generate_synthetic
 from raysseg.engine.checkpoint import save_checkpoint
 from raysseg.model.network import build_model
+from raysseg.rundir import layout
 
 N_IMAGES = 6
 
@@ -45,7 +47,7 @@ def run_dir(tmp_path: Path) -> Path:
         labelled.append(replace(record, seg_label_uri=seg_uri, sal_label_uri=sal_uri))
     write_manifest(labelled, layout.stage_manifest(str(run), 0))
     marker = {"images": N_IMAGES, "errors": 0, "written": N_IMAGES}
-    io.write_bytes_atomic(
+    storage.write_bytes_atomic(
         layout.step_marker(str(run), "stage_0/labels"), json.dumps(marker).encode()
     )
     save_checkpoint(

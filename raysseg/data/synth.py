@@ -19,7 +19,6 @@ Deterministic given the seed: image i of a split depends only on (seed, split, i
 
 from __future__ import annotations
 
-import argparse
 import colorsys
 import math
 from collections.abc import Sequence
@@ -28,6 +27,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from raysseg import storage
 from raysseg.data import io
 
 SPLIT_CODES = {"train": 0, "val": 1}
@@ -340,23 +340,25 @@ def write_voc_sample(
     ok, encoded = cv2.imencode(".jpg", image[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 92])
     if not ok:
         raise RuntimeError(f"JPEG encoding failed for image '{image_id}'")
-    io.write_bytes_atomic(io.join(root, "JPEGImages", f"{image_id}.jpg"), encoded.tobytes())
-    io.write_png_atomic(io.join(root, "SegmentationClass", f"{image_id}.png"), mask, palette)
+    storage.write_bytes_atomic(
+        storage.join(root, "JPEGImages", f"{image_id}.jpg"), encoded.tobytes()
+    )
+    io.write_png_atomic(storage.join(root, "SegmentationClass", f"{image_id}.png"), mask, palette)
     if saliency is not None:
         io.write_png_atomic(
-            io.join(root, "saliency", f"{image_id}.png"), io.saliency_to_uint8(saliency)
+            storage.join(root, "saliency", f"{image_id}.png"), io.saliency_to_uint8(saliency)
         )
 
 
 def write_voc_index(root: str, class_names: list[str], ids_per_split: dict[str, list[str]]) -> None:
     """class_names.txt and ImageSets/Segmentation/<split>.txt, the files `voc_records` starts from."""
-    io.makedirs(io.join(root, "ImageSets", "Segmentation"))
-    io.write_bytes_atomic(
-        io.join(root, "class_names.txt"), ("\n".join(class_names) + "\n").encode()
+    storage.makedirs(storage.join(root, "ImageSets", "Segmentation"))
+    storage.write_bytes_atomic(
+        storage.join(root, "class_names.txt"), ("\n".join(class_names) + "\n").encode()
     )
     for split, ids in ids_per_split.items():
-        split_file = io.join(root, "ImageSets", "Segmentation", f"{split}.txt")
-        io.write_bytes_atomic(split_file, "".join(f"{i}\n" for i in ids).encode())
+        split_file = storage.join(root, "ImageSets", "Segmentation", f"{split}.txt")
+        storage.write_bytes_atomic(split_file, "".join(f"{i}\n" for i in ids).encode())
 
 
 def generate_synthetic(
@@ -389,49 +391,16 @@ def generate_synthetic(
             ids.append(image_id)
         ids_per_split[split] = ids
     write_voc_index(out_dir, class_names, ids_per_split)
-    io.write_bytes_atomic(
-        io.join(out_dir, "image_labels.csv"), ("\n".join(label_lines) + "\n").encode()
+    storage.write_bytes_atomic(
+        storage.join(out_dir, "image_labels.csv"), ("\n".join(label_lines) + "\n").encode()
     )
     return {"root": out_dir, "class_names": class_names, "n_train": n_train, "n_val": n_val}
-
-
-def add_synth_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of `raysseg data synth` (the CLI mounts this on its subparser)."""
-    parser.add_argument("--out", required=True, help="output folder (local path or URI)")
-    parser.add_argument("--n", type=int, default=1000, help="training images")
-    parser.add_argument("--n-val", type=int, default=None, help="validation images (default n/4)")
-    parser.add_argument("--size", type=int, default=96, help="image side in pixels")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num-classes", type=int, default=MAX_NUM_CLASSES, help="incl. background")
-
-
-def run_synth(args: argparse.Namespace) -> dict:
-    n_val = args.n_val if args.n_val is not None else max(1, args.n // 4)
-    return generate_synthetic(
-        args.out,
-        n_train=args.n,
-        n_val=n_val,
-        size=args.size,
-        seed=args.seed,
-        num_classes=args.num_classes,
-    )
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="raysseg data synth", description=__doc__.splitlines()[0])
-    add_synth_arguments(parser)
-    info = run_synth(parser.parse_args(argv))
-    print(f"wrote {info['n_train']} train + {info['n_val']} val images to {info['root']}")
-    return 0
 
 
 __all__ = [
     "CLASS_STYLES",
     "MAX_NUM_CLASSES",
-    "add_synth_arguments",
     "generate_synthetic",
-    "main",
-    "run_synth",
     "synthesize_image",
     "synthetic_class_names",
     "write_voc_index",

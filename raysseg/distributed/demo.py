@@ -12,8 +12,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from raysseg import storage as io
 from raysseg.config import Config, load_config
-from raysseg.data import io
 from raysseg.data.composite import generate_composites
 from raysseg.distributed.pipeline import run_pipeline
 from raysseg.distributed.session import ray_session

@@ -11,15 +11,16 @@ import numpy as np
 import torch
 from ray.data.expressions import col
 
-from raysseg import layout
 from raysseg.config import Config, from_dict, to_dict
 from raysseg.data import io
-from raysseg.data.records import DataError, class_names_for, coco_class_names
+from raysseg.data.records import DataError, class_names_for
+from raysseg.data.sources import coco_class_names
+from raysseg.distributed.datasets import inference_pool_options, read_manifest_dataset
 from raysseg.distributed.placement import require_custom_resources
-from raysseg.distributed.refine import inference_pool_options, read_manifest_dataset
 from raysseg.engine.checkpoint import load_checkpoint, restore_model
 from raysseg.engine.metrics import ConfusionMatrix, LabelQuality
 from raysseg.predict import predict_label
+from raysseg.rundir import layout
 
 
 def label_quality(manifest: str, num_classes: int, batch_size: int = 16) -> dict[str, Any]:

@@ -10,41 +10,42 @@ image id and atomic, so a rerun skips every image whose labels already exist and
 
 from __future__ import annotations
 
-import dataclasses
-import math
-import resource
 import threading
 import time
 from collections.abc import Callable
-from io import BytesIO
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 import ray.data
 import torch
 
-from raysseg import layout
-from raysseg.config import IGNORE_INDEX, Config, ResourcesConfig, from_dict, to_dict
+from raysseg import storage
+from raysseg.config import Config, ResourcesConfig, from_dict, to_dict
 from raysseg.data import io
-from raysseg.data.records import (
-    MANIFEST_SCHEMA,
-    PartWriter,
-    check_label_map,
-    manifest_row_count,
-    write_manifest,
-)
+from raysseg.data.manifest import PartWriter, write_manifest
 from raysseg.data.transforms import normalize
+from raysseg.distributed.datasets import inference_pool_options, read_manifest_dataset
 from raysseg.distributed.placement import custom_resources, require_custom_resources
-from raysseg.distributed.storage import read_parquet
 from raysseg.engine.checkpoint import load_checkpoint, restore_model
 from raysseg.engine.loop import autocast_for, resolve_amp_dtype
 from raysseg.labels.cam import multiscale_cam
-from raysseg.labels.saliency import build_saliency
-from raysseg.labels.update import finalize_labels, infer_label_maps, initial_labels
+from raysseg.labels.finish import (
+    ERRORS_SCHEMA,
+    OUTPUT_SCHEMA,
+    WORKER_MEMORY,
+    finalize_row,
+    labels_exist,
+    pack_arrays,
+    present_ids,
+    private_memory_mb,
+    rows_frame,
+    unpack_arrays,
+)
+from raysseg.labels.update import infer_label_maps
 from raysseg.progress import ProgressMeter
+from raysseg.rundir import layout
 
 MODES = ("initial", "refine", "ground_truth")
 
@@ -86,8 +87,8 @@ def update_labels(
         return {"images": 0, "errors": 0, "written": 0, "skipped": 0, "seconds": 0.0}
     # A rerun of an interrupted update: PNG temp files of killed tasks are never reused, so clear
     # them (local filesystems only; this lists the stage's shards once).
-    io.remove_temp_files(labels_root)
-    io.remove_temp_files(saliency_cache)
+    storage.remove_temp_files(labels_root)
+    storage.remove_temp_files(saliency_cache)
     if mode != "ground_truth":
         dataset = dataset.map_batches(
             LabelInference,
@@ -148,38 +149,8 @@ def update_stage_labels(
         out_manifest=layout.stage_manifest(run, stage),
         errors_path=layout.stage_errors(run, stage),
         saliency_cache=layout.saliency_cache(run),
-        name=f"stage_{stage} labels",
+        name=f"{layout.stage_folder(stage)} labels",
     )
-
-
-# Blocks of a manifest read: about BLOCKS_PER_WORKER per worker, never below one batch, and at most
-# MAX_ROWS_PER_BLOCK rows. The cap moves the progress line, which counts rows as their block reaches
-# the driver: a 64-row block is ~90 s of CPU work at COCO size. Few blocks per worker on small
-# manifests: a 96-image update on one pinned core took 38.4 s with 16 blocks per worker against
-# 32.7 s with 4 (medians of 3 interleaved runs); with 2 workers 4- and 12-row blocks ran alike.
-MAX_ROWS_PER_BLOCK = 64
-BLOCKS_PER_WORKER = 4
-
-
-def read_manifest_dataset(
-    manifest: str, parallelism: int, columns: list[str] | None = None, rows_per_batch: int = 1
-) -> tuple[ray.data.Dataset, int]:
-    """(dataset, rows) of a manifest, in blocks of `rows_per_batch` to MAX_ROWS_PER_BLOCK rows.
-
-    A small manifest is one Parquet file, which Ray Data would read as one block (one actor would
-    do all the work): the read tasks split what they read into the blocks asked for, with no
-    repartition step (one task per block, which cost ~0.5 s of a small update on one core).
-    The read tasks hold no CPU slot: a manifest read is a few MB of URIs, and one that needed a CPU
-    waited forever behind an actor pool holding every CPU (the update hung at 0 images, no error).
-    """
-    rows = manifest_row_count(manifest)
-    per_worker = math.ceil(rows / (BLOCKS_PER_WORKER * max(1, parallelism)))
-    per_block = max(1, min(MAX_ROWS_PER_BLOCK, max(rows_per_batch, per_worker)))
-    blocks = max(1, math.ceil(rows / per_block))
-    dataset = read_parquet(manifest, override_num_blocks=blocks, num_cpus=0)
-    if columns:
-        dataset = dataset.select_columns(columns)
-    return dataset, rows
 
 
 def crf_in_actors(resources: ResourcesConfig) -> bool:
@@ -200,35 +171,6 @@ def _placed_kinds(mode: str, fused: bool) -> list[str]:
     if mode == "ground_truth":
         return ["crf"]
     return ["refine"] if fused else ["refine", "crf"]
-
-
-def inference_pool_options(resources: ResourcesConfig) -> dict[str, Any]:
-    """map_batches options of a model actor pool (label update and evaluation share them)."""
-    return {
-        "compute": ray.data.ActorPoolStrategy(size=resources.refine_actors),
-        "batch_size": resources.refine_batch_size,
-        "num_cpus": resources.refine_cpus_per_actor,
-        "num_gpus": resources.refine_gpus_per_actor,
-        "resources": custom_resources(resources, "refine"),
-        "batch_format": "pandas",
-    }
-
-
-def private_memory_mb() -> float:
-    """This process's private resident memory now (RssAnon, Linux), in MiB.
-
-    Not ru_maxrss / RSS: those count the pages of Ray's shared-memory object store a worker has
-    touched, which grow with the data that passed through it (shared, not owned: measured from
-    739 to 1,289 MiB over 1k -> 100k images while the work itself stayed flat). Elsewhere: peak RSS.
-    """
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _run_with_progress(
@@ -256,25 +198,6 @@ def _run_with_progress(
     if "failure" in outcome:
         raise outcome["failure"]
     return outcome["result"]
-
-
-# The output rows of a label update: the next manifest keeps every column, the errors table three.
-OUTPUT_SCHEMA = pa.schema(
-    [
-        *MANIFEST_SCHEMA,
-        ("error", pa.string()),
-        ("written", pa.bool_()),
-        ("node_id", pa.string()),
-        ("ignore_fraction", pa.float64()),
-        ("foreground_fraction", pa.float64()),
-    ]
-)
-ERRORS_SCHEMA = pa.schema(
-    [("image_id", pa.string()), ("image_uri", pa.string()), ("error", pa.string())]
-)
-# A column of the output rows that neither table keeps: the private memory of the worker that
-# produced the row (with separate CRF tasks: the larger of the inference actor's and the task's).
-WORKER_MEMORY = "worker_private_mb"
 
 
 def _collect_outputs(
@@ -309,12 +232,12 @@ def _collect_outputs(
         manifest.write(block.filter(pc.invert(failed)))
         meter.update(counts["images"], counts["errors"])
     counts["skipped"] = counts["images"] - counts["errors"] - counts["written"]
-    io.delete_dir(errors_path)
+    storage.delete_dir(errors_path)
     if errors is not None:
         errors.close()
-        io.replace_dir(errors.path, errors_path)
+        storage.replace_dir(errors.path, errors_path)
     manifest.close()
-    io.replace_dir(manifest.path, out_manifest)
+    storage.replace_dir(manifest.path, out_manifest)
     counts["worker_peak_private_mb"] = peak_mb
     return counts
 
@@ -373,7 +296,7 @@ class LabelInference:
             arrays, error, done = self._infer_row(row["image_id"], row["image_uri"], row["labels"])
             row["error"] = error
             rows.append(
-                _finalize_row(
+                finalize_row(
                     row,
                     self.config,
                     self.mode,
@@ -384,15 +307,15 @@ class LabelInference:
                     node_id=node_id,
                 )
             )
-        return _rows_frame(rows)
+        return rows_frame(rows)
 
     def _infer_row(self, image_id: str, image_uri: str, labels: Any) -> tuple[dict, str, bool]:
         """(decoded image + model outputs, error, labels already done) of one image."""
-        if _labels_exist(self.labels_root, image_id):
+        if labels_exist(self.labels_root, image_id):
             return {}, "", True
         try:
             image = io.read_image(image_uri)
-            return {"image": image, **self._infer(image, _present(labels))}, "", False
+            return {"image": image, **self._infer(image, present_ids(labels))}, "", False
         except Exception as failure:  # recorded per image; the error budget decides
             return {}, f"{image_uri}: {type(failure).__name__}: {failure}", False
 
@@ -413,17 +336,6 @@ class LabelInference:
         return {"cams": maps["cams"].astype(np.float16), "sal_prob": maps["sal_prob"]}
 
 
-_SALIENCY_SOURCES: dict[tuple, Any] = {}
-
-
-def _saliency_source(config: Config, cache: str):
-    """One saliency source per worker process: an ONNX session loads once, not once per batch."""
-    key = (dataclasses.astuple(config.data), cache)
-    if key not in _SALIENCY_SOURCES:
-        _SALIENCY_SOURCES[key] = build_saliency(config.data, cache_dir=cache)
-    return _SALIENCY_SOURCES[key]
-
-
 def finalize_batch(
     batch,
     config_dict: dict,
@@ -441,7 +353,7 @@ def finalize_batch(
         arrays = unpack_arrays(row.pop("payload", b"") or b"")
         done = row.pop("labels_done", None)  # absent in mode ground_truth: no inference step
         rows.append(
-            _finalize_row(
+            finalize_row(
                 row,
                 config,
                 mode,
@@ -452,137 +364,7 @@ def finalize_batch(
                 node_id=node_id,
             )
         )
-    return _rows_frame(rows, inference_mb)
-
-
-def _finalize_row(
-    row: dict[str, Any],
-    config: Config,
-    mode: str,
-    labels_root: str,
-    saliency_cache: str,
-    *,
-    arrays: dict[str, np.ndarray],
-    done: bool | None,
-    node_id: str,
-) -> dict[str, Any]:
-    """One output row: the image's labels computed and written unless `done` (None: look)."""
-    image_id = row["image_id"]
-    seg_uri = layout.label_uri(labels_root, "seg", image_id)
-    sal_uri = layout.label_uri(labels_root, "sal", image_id)
-    out = {
-        "image_id": image_id,
-        "image_uri": row["image_uri"],
-        "labels": [int(c) for c in _present(row["labels"])],
-        "mask_uri": row.get("mask_uri") or "",
-        "saliency_uri": row.get("saliency_uri") or "",
-        "seg_label_uri": seg_uri,
-        "sal_label_uri": sal_uri,
-        "error": row.get("error") or "",
-        "written": False,
-        # Provenance: which node labelled the image (debugging, and proof of spreading in tests).
-        "node_id": node_id,
-        "ignore_fraction": float("nan"),
-        "foreground_fraction": float("nan"),
-    }
-    if out["error"]:
-        return out
-    try:
-        if done is None:
-            done = _labels_exist(labels_root, image_id)
-        if done:
-            seg_label = io.read_label(seg_uri)
-        else:
-            seg_label = _compute_and_write(
-                row, arrays, config, mode, seg_uri, sal_uri, saliency_cache
-            )
-            out["written"] = True
-    except Exception as failure:  # recorded per image; the error budget decides
-        out["error"] = f"{row['image_uri']}: {type(failure).__name__}: {failure}"
-        return out
-    out["ignore_fraction"] = float(np.mean(seg_label == IGNORE_INDEX))
-    out["foreground_fraction"] = float(np.mean((seg_label > 0) & (seg_label != IGNORE_INDEX)))
-    return out
-
-
-def _compute_and_write(
-    row: dict[str, Any],
-    arrays: dict[str, np.ndarray],
-    config: Config,
-    mode: str,
-    seg_uri: str,
-    sal_uri: str,
-    saliency_cache: str,
-) -> np.ndarray:
-    present = _present(row["labels"])
-    # The decoded image travels with the model outputs: each image is decoded once per update.
-    image = arrays["image"] if "image" in arrays else io.read_image(row["image_uri"])
-    if mode == "ground_truth":
-        # A GT mask of another size or with ids past the classes is refused here, naming the file,
-        # so it is recorded in the errors table instead of failing the next training stage.
-        seg_label = check_label_map(
-            io.read_label(row["mask_uri"]),
-            config.model.num_classes,
-            row["mask_uri"],
-            image.shape,
-            row["image_uri"],
-        )
-        sal_label = ((seg_label > 0) & (seg_label != IGNORE_INDEX)).astype(np.float32)
-    else:
-        prior = _saliency_source(config, saliency_cache)(image, row["image_id"])
-        cams = arrays["cams"].astype(np.float32)
-        if mode == "initial":
-            seg_label = initial_labels(cams, present, prior, config.labels)
-            sal_label = prior
-        else:
-            seg_label, sal_label = finalize_labels(
-                image, cams, arrays["sal_prob"], prior, present, config.labels
-            )
-    # Saliency first, segmentation last: the seg PNG's existence marks the image as done.
-    io.write_png_atomic(sal_uri, io.saliency_to_uint8(sal_label))
-    io.write_png_atomic(seg_uri, seg_label, palette=io.voc_palette())
-    return seg_label
-
-
-def pack_arrays(**arrays: np.ndarray) -> bytes:
-    """Arrays -> one binary cell (uncompressed .npz).
-
-    One binary column keeps every block's schema the same whatever the row holds (arrays of any
-    shape, or nothing for skipped and failed images); mixed object columns broke Arrow's schema
-    unification as soon as one image failed.
-    """
-    buffer = BytesIO()
-    np.savez(buffer, **arrays)
-    return buffer.getvalue()
-
-
-def unpack_arrays(payload: bytes) -> dict[str, np.ndarray]:
-    if not payload:
-        return {}
-    with np.load(BytesIO(payload), allow_pickle=False) as archive:
-        return {name: archive[name] for name in archive.files}
-
-
-def _labels_exist(labels_root: str, image_id: str) -> bool:
-    return io.exists(layout.label_uri(labels_root, "seg", image_id)) and io.exists(
-        layout.label_uri(labels_root, "sal", image_id)
-    )
-
-
-def _present(labels: Any) -> list[int]:
-    return [int(c) for c in (labels if labels is not None else [])]
-
-
-def _rows_frame(rows: list[dict[str, Any]], upstream_mb: float = 0.0):
-    """Output rows as a frame, with this worker's private memory (or `upstream_mb`, the inference
-    actor's, if larger)."""
-    import pandas as pd
-
-    frame = pd.DataFrame(rows)
-    # Arrow needs list columns typed even when every list is empty.
-    frame["labels"] = pd.Series([list(v) for v in frame["labels"]], dtype=object)
-    frame[WORKER_MEMORY] = max(upstream_mb, private_memory_mb())
-    return frame
+    return rows_frame(rows, inference_mb)
 
 
 __all__ = ["MODES", "LabelInference", "finalize_batch", "update_labels", "update_stage_labels"]

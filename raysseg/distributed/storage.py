@@ -1,6 +1,6 @@
 """Ray Data and Ray Train on the run directory's storage (a local path or an s3:// / gs:// URI).
 
-Both get the pyarrow filesystem that `raysseg.data.io.resolve` builds, instead of resolving URIs
+Both get the pyarrow filesystem that `raysseg.storage.resolve` builds, instead of resolving URIs
 themselves: one client configuration (credentials, region, endpoint from the environment) for every
 reader and writer of a run.
 """
@@ -11,7 +11,7 @@ from typing import Any
 
 import ray.data
 
-from raysseg.data import io
+from raysseg import storage
 
 
 def read_parquet(uri: str, **options: Any) -> ray.data.Dataset:
@@ -22,7 +22,7 @@ def read_parquet(uri: str, **options: Any) -> ray.data.Dataset:
     idle 2-core machine (V1: 0.1 s) and about 6 s on one busy core, a large part of a small label
     update's fixed cost. A manifest has a few files whose footers V1 reads directly.
     """
-    filesystem, path = io.resolve(uri)
+    filesystem, path = storage.resolve(uri)
     context = ray.data.DataContext.get_current()
     previous, context.use_datasource_v2 = context.use_datasource_v2, False
     try:
@@ -33,13 +33,13 @@ def read_parquet(uri: str, **options: Any) -> ray.data.Dataset:
 
 def train_storage(uri: str) -> dict[str, Any]:
     """RunConfig keywords that put Ray Train's checkpoints at `uri` (path inside the filesystem)."""
-    filesystem, path = io.resolve(uri)
+    filesystem, path = storage.resolve(uri)
     return {"storage_path": path, "storage_filesystem": filesystem}
 
 
 def uri_in_storage(storage_uri: str, path: str) -> str:
     """The URI of `path`, a path Ray Train reports inside the filesystem of `storage_uri`."""
-    if io.is_local(storage_uri):
+    if storage.is_local(storage_uri):
         return path
     scheme = storage_uri.split("://", 1)[0]
     return f"{scheme}://{path}"

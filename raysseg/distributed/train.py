@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 
 from raysseg.config import Config, from_dict, to_dict
 from raysseg.data.dataset import EpochSampler, build_stage_dataset, build_train_loader, collate
-from raysseg.data.records import ManifestRows
+from raysseg.data.manifest import ManifestRows
 from raysseg.distributed.placement import require_custom_resources, train_worker_resources
 from raysseg.distributed.storage import train_storage, uri_in_storage
 from raysseg.engine.checkpoint import (
@@ -38,8 +38,7 @@ from raysseg.engine.loop import evaluate, make_grad_scaler, train_one_epoch
 from raysseg.engine.metrics import ConfusionMatrix
 from raysseg.engine.optim import PolyLR, build_optimizer, warmup_param_groups
 from raysseg.model.network import build_model
-
-CHECKPOINT_FILE = "checkpoint.pt"
+from raysseg.rundir.layout import CHECKPOINT_FILE
 
 
 @dataclass(frozen=True)
@@ -47,7 +46,7 @@ class StageSpec:
     """What one training stage needs; paths are local paths or URIs."""
 
     name: str  # "warmup", "stage_0", ...
-    mode: str  # "warmup" (classifier only) or "full"
+    mode: str  # engine.loop.MODES: "warmup" (classifier only) or "train" (every head)
     train_manifest: str
     val_manifest: str  # "" when there is no validation GT
     init_checkpoint: str  # "" = from the backbone's own initialisation
@@ -164,9 +163,8 @@ def _train_loader(
 ) -> tuple[DataLoader, EpochSampler]:
     # The manifest is indexed by row group, never listed: each worker holds one group at a time.
     records = ManifestRows(spec.train_manifest)
-    mode = "warmup" if spec.mode == "warmup" else "train"
     dataset = build_stage_dataset(
-        records, mode, config.data, config.model.num_classes, config.optim.seed
+        records, spec.mode, config.data, config.model.num_classes, config.optim.seed
     )
     return build_train_loader(
         dataset,

@@ -3,7 +3,7 @@
 The file holds only tensors and plain containers, so it loads with `torch.load(weights_only=True)`
 (no pickled code runs on load), and it carries `model.model_args()` so that the checkpoint alone
 rebuilds the network (nanoGPT's habit) -- label-update actors need nothing else.
-Paths are local paths or object-store URIs (`raysseg.data.io`).
+Paths are local paths or object-store URIs (`raysseg.storage`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from raysseg.data import io
+from raysseg import storage
 from raysseg.model.network import build_model_from_args
 
 FORMAT = "raysseg-checkpoint-v1"
@@ -75,7 +75,7 @@ def save_checkpoint(
         "config": config_dict,
         "extra": extra or {},
     }
-    io.write_atomic(os.fspath(path), lambda stream: torch.save(payload, stream), durable=True)
+    storage.write_atomic(os.fspath(path), lambda stream: torch.save(payload, stream), durable=True)
     return path
 
 
@@ -83,7 +83,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     """Read a checkpoint with weights_only=True; errors name the path. Adds "path" to the dict."""
     path = os.fspath(path)
     try:
-        source = io.seekable_source(path)
+        source = storage.seekable_source(path)
     except FileNotFoundError as error:
         raise CheckpointError(f"checkpoint '{path}': file not found") from error
     try:

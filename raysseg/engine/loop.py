@@ -20,7 +20,8 @@ from raysseg.config import LossConfig
 from raysseg.engine.metrics import ConfusionMatrix
 from raysseg.losses import auxseg_losses
 
-MODES = ("full", "warmup")
+# The training modes, as the stage datasets name them (raysseg.data.dataset.MODES adds "eval").
+MODES = ("warmup", "train")
 FUSE_MODES = ("max", "mean")
 
 
@@ -107,7 +108,7 @@ def train_one_epoch(
     loader: Iterable[dict[str, Any]],
     device: torch.device | str,
     loss_weights: LossConfig,
-    mode: str = "full",
+    mode: str = "train",
     scaler: torch.amp.GradScaler | None = None,
     amp: bool = False,
     log_every: int = 0,
@@ -118,7 +119,7 @@ def train_one_epoch(
 ) -> dict[str, float]:
     """Train for one pass over `loader` (or `max_steps` batches); the scheduler steps every batch.
 
-    mode "full" trains all heads on the batch's "seg"/"sal" pseudo labels; mode "warmup" (stage 0a)
+    mode "train" trains all heads on the batch's "seg"/"sal" pseudo labels; mode "warmup" (stage 0a)
     runs only the classification branch on the image labels. Returns the mean of every loss term,
     the lr after the last step, "steps", "images", "seconds" and "images_per_s".
     Raises NonFiniteLossError naming the step and image ids when the loss is NaN/inf.

@@ -27,13 +27,13 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from raysseg import storage
 from raysseg.config import ConfigError, DataConfig
 from raysseg.data import io as data_io
 from raysseg.data.records import DataError
-from raysseg.layout import shard_of
+from raysseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from raysseg.rundir.layout import shard_of
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 U2NETP_SIZE = 320  # the network's fixed input size (rembg resizes to 320 x 320)
 
 
@@ -56,7 +56,7 @@ def saliency_png_uri(folder: str, image_id: str) -> str:
     parts = PurePosixPath(image_id).parts
     if not image_id or image_id.startswith("/") or ".." in parts or "\\" in image_id:
         raise ValueError(f"saliency: image id {image_id!r} is not a relative name")
-    return data_io.join(str(folder), f"{image_id}.png")
+    return storage.join(str(folder), f"{image_id}.png")
 
 
 def read_saliency_png(uri: str, size: tuple[int, int]) -> np.ndarray:
@@ -116,9 +116,9 @@ def _load_onnx_session(model_path: str, num_threads: int = 0) -> Any:
     """An onnxruntime CPU session of a local path or URI; errors name the file."""
     import onnxruntime  # local: only this source needs it
 
-    if not data_io.exists(model_path):
+    if not storage.exists(model_path):
         raise DataError(f"saliency model '{model_path}' (data.saliency_model) does not exist")
-    model = model_path if data_io.is_local(model_path) else data_io.read_bytes(model_path)
+    model = model_path if storage.is_local(model_path) else storage.read_bytes(model_path)
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = num_threads
     try:
@@ -204,7 +204,8 @@ class U2NetPSaliency(SaliencySource):
         resized = Image.fromarray(image).resize((size_w, size_h), Image.LANCZOS)
         pixels = np.asarray(resized, dtype=np.float32)
         pixels = pixels / max(float(pixels.max()), 1.0)  # rembg scales by the image's max
-        pixels = (pixels - IMAGENET_MEAN) / IMAGENET_STD
+        mean, std = (np.asarray(v, dtype=np.float32) for v in (IMAGENET_MEAN, IMAGENET_STD))
+        pixels = (pixels - mean) / std
         batch = np.ascontiguousarray(pixels.transpose(2, 0, 1)[None])  # (1, 3, H, W)
         outputs = session.run(None, {session.get_inputs()[0].name: batch})
         prediction = np.asarray(outputs[0], dtype=np.float32)[0, 0]  # (h, w), first output
@@ -247,7 +248,7 @@ class CachedSaliency(SaliencySource):
         self.cache_dir = str(cache_dir)
 
     def __call__(self, image: np.ndarray, image_id: str) -> np.ndarray:
-        uri = saliency_png_uri(data_io.join(self.cache_dir, shard_of(image_id)), image_id)
+        uri = saliency_png_uri(storage.join(self.cache_dir, shard_of(image_id)), image_id)
         try:
             return read_saliency_png(uri, image.shape[:2])
         except FileNotFoundError:
@@ -277,8 +278,8 @@ def saliency_folder(data_config: DataConfig) -> str:
     if data_config.saliency_dir:
         return data_config.saliency_dir
     if data_config.source == "voc" and data_config.root:
-        folder = data_io.join(data_config.root, "saliency")
-        if data_io.is_dir(folder):
+        folder = storage.join(data_config.root, "saliency")
+        if storage.is_dir(folder):
             return folder
     return ""
 
@@ -294,7 +295,7 @@ def _resolved_data(data_config: DataConfig) -> DataConfig:
             + ")"
         )
     folder = saliency_folder(data_config)
-    if choice in ("auto", "folder") and data_config.saliency_dir and not data_io.is_dir(folder):
+    if choice in ("auto", "folder") and data_config.saliency_dir and not storage.is_dir(folder):
         raise ConfigError(f"config key 'data.saliency_dir': '{folder}' is not a folder")
     if choice == "folder" and not folder:
         raise ConfigError(
@@ -327,7 +328,7 @@ def resolve_saliency(data_config: DataConfig) -> SaliencyChoice:
     data = _resolved_data(data_config)
     notes = []
     folder = saliency_folder(data_config)
-    if data.saliency != "folder" and folder and data_io.is_dir(folder):
+    if data.saliency != "folder" and folder and storage.is_dir(folder):
         notes.append(
             f"saliency prior: the folder {folder} is ignored (data.saliency={data.saliency})"
         )

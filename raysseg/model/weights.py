@@ -34,8 +34,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from raysseg import storage
 from raysseg.config import ConfigError, ModelConfig
-from raysseg.data import io as data_io
 
 logger = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ def read_weights(source: str) -> WeightsFile:
     """Read any supported weights file at a local path or URI; a missing file is FileNotFoundError."""
     source = os.path.expanduser(source)
     try:
-        payload = data_io.seekable_source(source)
+        payload = storage.seekable_source(source)
     except FileNotFoundError as error:
         raise FileNotFoundError(f"pretrained weights '{source}': no such file") from error
     stream = open(payload, "rb") if isinstance(payload, str) else payload  # noqa: SIM115
@@ -484,8 +484,8 @@ def check_pretrained(model_config: ModelConfig) -> str:
     except WeightsError as error:
         raise ConfigError(f"config key 'model.pretrained': {error}") from error
     source = os.path.expanduser(model_config.pretrained.strip())
-    if choice == "file" and data_io.is_local(source):
-        path = data_io.resolve(source)[1]
+    if choice == "file" and storage.is_local(source):
+        path = storage.resolve(source)[1]
         if not os.path.isfile(path):
             raise ConfigError(
                 f"config key 'model.pretrained': '{source}' is not a file "

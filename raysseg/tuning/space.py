@@ -1,4 +1,4 @@
-"""Tune search spaces in the config's dotted keys, and the settings of a campaign. Pure: no Ray.
+"""Tuning search spaces in the config's dotted keys, and the settings of a campaign. Pure: no Ray.
 
 A space file is YAML with two sections:
 
@@ -18,7 +18,6 @@ key's valid range or a float range on an int key is a ConfigError naming the key
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -307,107 +306,18 @@ def best_config(base: Config, params: dict[str, Any], run_dir: str) -> Config:
     return with_overrides(base, {**params, "run_dir": run_dir})
 
 
-def step_gpus(config: Config, step: str) -> float:
-    """GPUs a pipeline step holds while it runs (0 on CPU-only configs), for GPU-hour accounting."""
-    resources = config.resources
-    if step in ("warmup", "final") or step.endswith("/train"):
-        if not resources.use_gpu:
-            return 0.0
-        return resources.num_workers * resources.gpus_per_worker
-    if step.endswith(("/labels", "/refine")):
-        return resources.refine_actors * resources.refine_gpus_per_actor
-    return 0.0
-
-
-def finite_or_none(value: Any) -> float | None:
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-        return float(value)
-    return None
-
-
-# ----------------------------------------------------------------------------------------------
-# The results table (one plain dict per finished trial)
-
-
-def objective_values(row: dict[str, Any], settings: TuneSettings) -> list[float] | None:
-    """The row's objective values, or None when one is missing or not finite (a failed trial)."""
-    values = [finite_or_none(row.get(name)) for name in settings.objectives]
-    return None if any(v is None for v in values) else values
-
-
-def best_trial(rows: list[dict[str, Any]], settings: TuneSettings) -> dict[str, Any] | None:
-    """The best row by the first objective (with two objectives it is also on the Pareto front)."""
-    scored = [row for row in rows if objective_values(row, settings) is not None]
-    if not scored:
-        return None
-    sign = 1.0 if settings.modes[0] == "max" else -1.0
-    return max(scored, key=lambda row: sign * objective_values(row, settings)[0])
-
-
-def pareto_front(rows: list[dict[str, Any]], settings: TuneSettings) -> list[dict[str, Any]]:
-    """Rows no other row beats on every objective (and strictly on one)."""
-    signs = [1.0 if mode == "max" else -1.0 for mode in settings.modes]
-    scored = [
-        (row, [s * v for s, v in zip(signs, values, strict=True)])
-        for row in rows
-        if (values := objective_values(row, settings)) is not None
-    ]
-
-    def dominated(mine: list[float]) -> bool:
-        return any(
-            all(o >= m for o, m in zip(other, mine, strict=True)) and other != mine
-            for _, other in scored
-        )
-
-    return [row for row, mine in scored if not dominated(mine)]
-
-
-def format_results(rows: list[dict[str, Any]], keys: tuple[str, ...]) -> str:
-    """A fixed-width table: trial, status, stages run / planned, metrics, searched values."""
-
-    def cell(value: Any, percent: bool = False) -> str:
-        number = finite_or_none(value)
-        if number is None:
-            return f"{'-' if value is None else str(value):>10.10s}"
-        return f"{100 * number:10.2f}" if percent else f"{number:10.4g}"
-
-    head = ["trial     ", "status   ", "stages", "val mIoU %", "lbl mIoU %", " GPU-hours"]
-    lines = [" ".join(head + [f"{k[-10:]:>10s}" for k in keys])]
-    for row in rows:
-        params = row.get("params", {})
-        lines.append(
-            " ".join(
-                [
-                    f"{row['trial']:10s}",
-                    f"{row['status']:9s}",
-                    f"{row['stages_done']:>3d}/{row['stages_planned']:<2d}",
-                    cell(row.get("val_miou"), percent=True),
-                    cell(row.get("label_miou"), percent=True),
-                    cell(row.get("gpu_hours")),
-                ]
-                + [cell(params.get(k)) for k in keys]
-            )
-        )
-    return "\n".join(lines)
-
-
 __all__ = [
     "OBJECTIVES",
+    "SCHEDULERS",
     "Param",
     "TuneSettings",
     "TuneSpace",
     "best_config",
-    "best_trial",
     "check_param",
-    "finite_or_none",
-    "format_results",
     "in_domain",
     "load_space",
-    "objective_values",
-    "pareto_front",
     "parse_param",
     "parse_settings",
     "parse_space",
-    "step_gpus",
     "trial_config",
 ]

@@ -1,6 +1,6 @@
-"""Stand-ins shared by the engine tests: a model with AuxSegNet's interface, a fixed data set.
+"""Stand-ins shared by the tests: AuxSegNet's outputs and interface at toy size, a fixed data set.
 
-(Named test_engine_* so it lives with the engine tests; it holds no tests itself.)
+A plain module (no tests, no fixtures; those live in conftest.py): test modules import from it.
 """
 
 from __future__ import annotations

@@ -1,0 +1,180 @@
+"""A campaign's search state on disk: its definition, the trials it started, the Optuna study.
+
+`campaign.json` (base config + space) is written first and a rerun with other settings is refused;
+each trial writes its values (`trial.json`) before its first step. The study (a JournalStorage
+file) is not the record: every start rebuilds it from the results table (`rebuild_study`), then
+queues the trials that started but are not in the table, with their old values and run names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import optuna
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
+
+from raysseg import storage
+from raysseg.config import RESUMABLE_KEYS, Config, ConfigError, to_flat_dict
+from raysseg.rundir import campaign as campaign_layout
+from raysseg.tuning.results import finite_or_none, objective_values
+from raysseg.tuning.space import Param, TuneSettings, TuneSpace
+
+STUDY_NAME = "raysseg"
+
+
+def check_campaign(campaign: str, base: Config, space: TuneSpace) -> None:
+    """Write what defines the campaign first; refuse to continue it with a different definition."""
+    settings = space.settings
+    definition = {
+        "base": {k: v for k, v in to_flat_dict(base).items() if not k.startswith(RESUMABLE_KEYS)},
+        "space": {p.key: p.describe() for p in space.params},
+        "objectives": list(settings.objectives),
+        "trial_overrides": {
+            k: v for k, v in settings.trial_overrides.items() if not k.startswith(RESUMABLE_KEYS)
+        },
+        "final_eval": settings.final_eval,
+    }
+    definition = json.loads(json.dumps(definition, default=list))
+    path = campaign_layout.definition_file(campaign)
+    if storage.exists(path):
+        saved = json.loads(storage.read_bytes(path))
+        changed = _changed(saved, definition)
+        if changed:
+            raise ConfigError(
+                f"campaign '{campaign}' was started with other settings (differs in "
+                f"{', '.join(changed)}); use a new run_dir or the same config and space"
+            )
+        return
+    storage.makedirs(campaign)
+    storage.write_bytes_atomic(path, json.dumps(definition, indent=2).encode())
+
+
+def _changed(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    changed = []
+    for section, value in current.items():
+        old = saved.get(section)
+        if isinstance(value, dict) and isinstance(old, dict):
+            keys = set(value) | set(old)
+            changed += [f"{section}: {k}" for k in sorted(keys) if old.get(k) != value.get(k)]
+        elif old != value:
+            changed.append(section)
+    return changed
+
+
+def distributions(params: tuple[Param, ...]) -> dict[str, Any]:
+    """The Optuna distributions of the space (what `_DefineByRun` suggests from)."""
+    result: dict[str, Any] = {}
+    for param in params:
+        if param.kind == "choice":
+            result[param.key] = CategoricalDistribution(list(param.choices))
+        elif param.kind == "int":
+            result[param.key] = IntDistribution(int(param.low), int(param.high))
+        else:
+            result[param.key] = FloatDistribution(param.low, param.high, log=param.log)
+    return result
+
+
+def open_study(campaign: str) -> optuna.Study:
+    """The campaign's Optuna study (for inspection: trials, values, importances)."""
+    journal = JournalStorage(JournalFileBackend(campaign_layout.study_journal(campaign)))
+    return optuna.load_study(study_name=STUDY_NAME, storage=journal)
+
+
+def rebuild_study(
+    campaign: str,
+    space: TuneSpace,
+    rows: list[dict[str, Any]],
+    pending: dict[str, dict[str, Any]],
+) -> JournalStorage:
+    """A fresh study journal holding exactly the finished trials of the table, then the queue.
+
+    The journal is built under a temporary name and moved into place, so a crash here leaves the
+    previous journal intact. Trials told to the previous journal but missing from the table (the
+    driver died in between) are dropped with it: the table is the record, and they are rerun.
+    """
+    settings = space.settings
+    path = campaign_layout.study_journal(campaign)
+    storage.makedirs(os.path.dirname(path))
+    building = f"{path}.building"
+    if os.path.exists(building):
+        os.remove(building)
+    study = optuna.create_study(
+        storage=JournalStorage(JournalFileBackend(building)),
+        study_name=STUDY_NAME,
+        directions=["maximize" if m == "max" else "minimize" for m in settings.modes],
+    )
+    spaces = distributions(space.params)
+    for row in rows:
+        study.add_trial(_frozen_trial(row, spaces, settings))
+    for name in sorted(pending):
+        study.enqueue_trial(pending[name], user_attrs={"run_name": name})
+    for point in settings.start_points:
+        study.enqueue_trial(point, skip_if_exists=True)
+    os.replace(building, path)
+    return JournalStorage(JournalFileBackend(path))
+
+
+def _frozen_trial(
+    row: dict[str, Any], spaces: dict[str, Any], settings: TuneSettings
+) -> optuna.trial.FrozenTrial:
+    values = objective_values(row, settings)
+    intermediate = None
+    if not settings.multi_objective:
+        per_stage = row.get(f"{settings.objectives[0]}_per_stage") or []
+        intermediate = {
+            step: v
+            for step, value in enumerate(per_stage, start=1)
+            if (v := finite_or_none(value)) is not None
+        }
+    return optuna.trial.create_trial(
+        state=optuna.trial.TrialState.COMPLETE if values else optuna.trial.TrialState.FAIL,
+        values=values,
+        params=row["params"],
+        distributions={k: spaces[k] for k in row["params"] if k in spaces},
+        intermediate_values=intermediate,
+        user_attrs={"run_name": row["trial"]},
+    )
+
+
+def trial_dirs(campaign: str) -> set[str]:
+    """Names of the trial run directories under the campaign (started trials, finished or not)."""
+    folder = campaign_layout.trials_dir(campaign)
+    return set(os.listdir(folder)) if os.path.isdir(folder) else set()
+
+
+def interrupted_trials(campaign: str, rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """{run name: values} of trials that started (trial.json written) but are not in the table."""
+    finished = {row["trial"] for row in rows}
+    pending = {}
+    for name in sorted(trial_dirs(campaign) - finished):
+        values_file = campaign_layout.trial_values_file(
+            campaign_layout.trial_run_dir(campaign, name)
+        )
+        if storage.exists(values_file):
+            pending[name] = json.loads(storage.read_bytes(values_file))["params"]
+    return pending
+
+
+def write_trial_values(run_dir: str, name: str, params: dict[str, Any]) -> None:
+    """A trial's values in its run directory, before its first step: a driver killed mid-trial
+    re-queues the trial with them (`interrupted_trials`)."""
+    storage.write_bytes_atomic(
+        campaign_layout.trial_values_file(run_dir),
+        json.dumps({"run_name": name, "params": params}, indent=2).encode(),
+    )
+
+
+__all__ = [
+    "STUDY_NAME",
+    "check_campaign",
+    "distributions",
+    "interrupted_trials",
+    "open_study",
+    "rebuild_study",
+    "trial_dirs",
+    "write_trial_values",
+]
