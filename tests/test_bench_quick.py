@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import subprocess
 import sys
@@ -69,3 +71,47 @@ def test_ray_idle_bench_prints_each_ray_process_and_the_total() -> None:
     out = _run("ray_idle.py", timeout=240)
     assert "% of a core" in out and "raylet" in out and "gcs_server" in out
     assert "all Ray processes and the driver:" in out
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(900)
+def test_gpu_check_cpu_quick_mode_runs_every_step(tmp_path) -> None:
+    # ~3 minutes on 2 cores, mostly the start-up of four Ray Train stages; 11 on a shared machine.
+    out = _run("gpu_check.py", "--device", "cpu", "--out", str(tmp_path), timeout=870)
+    results = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert results["device"] == "cpu" and results["torch"] and results["ray"]
+    assert "--device" in results["command"]
+    expected = {
+        "data",
+        "pipeline_efficientnet_lite0",
+        "pipeline_resnet50",
+        "label_update",
+        "predict",
+        "training",
+        "act_memory",
+        "amp_labels",
+        "torch_compile",
+    }
+    steps = results["steps"]
+    assert set(steps) == expected, sorted(steps)
+    # A step that fails records its error and the script goes on: every one must be "ok" here.
+    failed = {name: step.get("error") for name, step in steps.items() if step["status"] != "ok"}
+    assert not failed, failed
+    assert all(step["seconds"] >= 0 for step in steps.values())
+    training = steps["training"]
+    for variant in ("fp32", "amp", "amp_channels_last"):
+        rate = training[variant]["images_per_s"]
+        assert isinstance(rate, float) and math.isfinite(rate) and rate > 0, (variant, rate)
+    # raysseg autocasts on CUDA only: on CPU the "amp" figure ran in fp32, and the JSON says so.
+    assert training["amp"]["autocast_dtype"] == "float32" and "CUDA only" in training["amp"]["note"]
+    labels = steps["amp_labels"]
+    agreement = labels["pixel_agreement"]
+    fraction = isinstance(agreement, float) and 0.0 <= agreement <= 1.0
+    assert fraction or "CUDA only" in labels["note"], labels
+    assert steps["label_update"]["images"] > 0 and steps["label_update"]["images_per_s"] > 0
+    assert steps["label_update"]["gpu_busy"] == {"available": False, "reason": "device is cpu"}
+    memory = steps["act_memory"]
+    assert memory["fp32_whole"]["peak_mib"] > memory["fp32_chunked"]["peak_mib"], memory
+    assert memory["fp32_whole"]["chunk_rows"] > memory["fp32_chunked"]["chunk_rows"]
+    assert steps["torch_compile"]["compile"]["status"] in ("ok", "failed")
+    assert "pipeline_resnet50" in out and "written" in out
