@@ -28,7 +28,6 @@ import dataclasses
 import itertools
 import json
 import os
-import platform
 import re
 import shutil
 import statistics
@@ -43,6 +42,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from _common import run_facts
 
 from raysseg.config import Config, ModelConfig, with_overrides
 from raysseg.data import io
@@ -191,20 +191,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def initial_results(run: Run, command: list[str]) -> dict[str, Any]:
+    """Where and when it ran (the benches' shared facts), then what only a GPU check records."""
     import ray
 
     cuda = run.device.type == "cuda"
     return {
-        "command": [sys.executable, *command] if command is sys.argv else command,
+        **run_facts(command),
         "device": torch.cuda.get_device_name(run.device) if cuda else "cpu",
         "device_type": run.device.type,
         "bf16_supported": bool(torch.cuda.is_bf16_supported()) if cuda else None,
-        "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if cuda else None,
         "ray": ray.__version__,
-        "python": platform.python_version(),
-        "cpu_cores": len(os.sched_getaffinity(0)),
         "settings": run.settings,
         "notes": NOTES,
         "steps": {},
