@@ -101,7 +101,7 @@ class SimulatedCluster:
 
 @dataclass
 class _RayConnection:
-    kind: str = ""  # "", "local" or "cluster"
+    kind: str = ""  # "", "local", "cluster" (shared) or "fresh" (one test's cluster)
     temp_dir: Path | None = None
     cluster: SimulatedCluster | None = None
     roots: list[Path] = field(default_factory=list)
@@ -116,9 +116,9 @@ class _RayConnection:
         self.kind, self.temp_dir, self.cluster = "", None, None
 
     def local(self) -> Path:
-        if self.kind != "local":
-            import ray
+        import ray
 
+        if self.kind != "local" or not ray.is_initialized():
             self.release()
             os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
             # Short: Ray's socket paths under the temp dir must stay within 107 bytes.
@@ -130,7 +130,9 @@ class _RayConnection:
         return self.temp_dir
 
     def simulated_cluster(self) -> SimulatedCluster:
-        if self.kind != "cluster":
+        import ray
+
+        if self.kind != "cluster" or not ray.is_initialized():
             self.release()
             self.cluster = start_simulated_cluster()
             self.kind = "cluster"

@@ -1,5 +1,8 @@
 """The run directory on S3: an S3-compatible server (moto) started by the test on 127.0.0.1.
 
+The pipeline here is a folder-source run (images in a folder, image labels from a CSV, masks for
+half the images), so it also serves as the folder source's end-to-end test.
+
 Credentials, region and endpoint reach pyarrow, Ray Data and Ray Train only through the
 environment (AWS_* variables set before `ray.init`, so every Ray worker inherits them), as on a
 cluster whose runtime_env or instance role provides them.
@@ -7,6 +10,7 @@ cluster whose runtime_env or instance role provides them.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -24,6 +28,7 @@ from raysseg import storage
 from raysseg.data import io
 from raysseg.data.manifest import read_manifest, write_manifest
 from raysseg.data.records import Record
+from raysseg.data.synth import generate_synthetic
 from raysseg.distributed.pipeline import run_pipeline
 from raysseg.distributed.refine import update_labels
 from raysseg.distributed.train import StageSpec, train_stage
@@ -123,21 +128,38 @@ def test_io_round_trips_on_s3(s3_bucket, tmp_path) -> None:
 
 
 @pytest.fixture(scope="module")
-def pipeline_on_s3(ray_with_s3, tiny_data_factory):
-    """The whole pipeline (one stage) with its run directory on S3; shared by the tests below."""
+def pipeline_on_s3(ray_with_s3, tmp_path_factory):
+    """The whole pipeline (one stage) of a folder source with its run directory on S3; shared by
+    the tests below: (config, summary, log lines, data folder)."""
     # The dataset stays local (images are read by URI either way); the run directory is on S3.
-    tiny_data = tiny_data_factory(n_train=8, n_val=0, size=40, seed=2)
+    # Its own copy (not tiny_data): half its masks are deleted, so only those images are scored.
+    data = tmp_path_factory.mktemp("synth")
+    generate_synthetic(str(data), n_train=8, n_val=0, size=40, seed=2)
+    masks = data / "SegmentationClass"
+    for path in sorted(masks.glob("*.png"))[::2]:
+        path.unlink()
     run_dir = storage.join(ray_with_s3, "run")
-    # No validation split: the final evaluation reads through the same storage helpers as the
-    # label steps, and leaving it out keeps this module within a few minutes on 2 cores.
+    # No validation split in a folder source: the final step has no figure to compute, and the
+    # module stays within a few minutes on 2 cores.
     config = tiny_config(
-        tiny_data, Path("unused"), f"run_dir={run_dir}", "stages.count=1", "data.val_split="
+        data / "JPEGImages",
+        Path("unused"),
+        f"run_dir={run_dir}",
+        "stages.count=1",
+        "data.source=folder",
+        f"data.labels_file={data / 'image_labels.csv'}",
+        f"data.class_names={data / 'class_names.txt'}",
+        f"data.mask_dir={masks}",
+        "data.saliency=auto",
+        f"data.saliency_dir={data / 'saliency'}",
     )
-    return config, run_pipeline(config, log=lambda line: None)
+    lines: list[str] = []
+    summary = run_pipeline(config, log=lines.append)
+    return config, summary, lines, data
 
 
 def test_pipeline_keeps_every_artifact_on_s3_and_resumes(pipeline_on_s3, s3_bucket) -> None:
-    config, summary = pipeline_on_s3
+    config, summary, _, _ = pipeline_on_s3
     run_dir = config.run_dir
     steps = ["manifest", "warmup", "stage_0/labels", "stage_0/train", "stage_0/refine", "final"]
     for step in steps:
@@ -163,7 +185,7 @@ def test_pipeline_keeps_every_artifact_on_s3_and_resumes(pipeline_on_s3, s3_buck
 
 
 def test_training_stage_resumes_from_its_checkpoint_on_s3(pipeline_on_s3, s3_bucket) -> None:
-    config, _ = pipeline_on_s3
+    config, _, _, _ = pipeline_on_s3
     run_dir = config.run_dir
     train_storage = storage.join(run_dir, "warmup", "train")
     before = [k for k in _objects(s3_bucket, "run/warmup/train") if k.endswith("checkpoint.pt")]
@@ -189,7 +211,7 @@ def test_training_stage_resumes_from_its_checkpoint_on_s3(pipeline_on_s3, s3_buc
 
 
 def test_label_update_on_s3_skips_done_images_and_redoes_lost_ones(pipeline_on_s3, s3_bucket):
-    config, _ = pipeline_on_s3
+    config, _, _, _ = pipeline_on_s3
     run_dir = config.run_dir
     arguments = {
         "mode": "initial",
@@ -214,3 +236,23 @@ def test_label_update_on_s3_skips_done_images_and_redoes_lost_ones(pipeline_on_s
         assert io.read_label(row.seg_label_uri).shape == (40, 40)
     labels = _objects(s3_bucket, "run/stage_0/labels")
     assert len(labels) == 16 and not [key for key in labels if ".tmp" in key]
+
+
+def test_folder_source_runs_end_to_end_and_scores_the_images_with_masks(pipeline_on_s3) -> None:
+    config, summary, lines, data = pipeline_on_s3
+    run_dir = config.run_dir
+    assert f"saliency prior: folder {data / 'saliency'}" in lines
+    assert summary["saliency_prior"] == f"folder {data / 'saliency'}"
+    train = list(read_manifest(layout.dataset_manifest(run_dir, "train")))
+    assert len(train) == 8 and sum(bool(r.mask_uri) for r in train) == 4
+    for stage in (0, 1):
+        for record in train:
+            assert storage.exists(
+                layout.label_uri(layout.stage_labels(run_dir, stage), "seg", record.image_id)
+            )
+    for row in summary["stages"]:
+        assert row["label_scored_images"] == 4 and 0.0 <= row["label_miou"] <= 1.0
+    assert any("label_scored_images=4" in line for line in lines), lines
+    # No validation split in a folder source: the final figure is absent, not an error.
+    final = json.loads(storage.read_bytes(storage.join(run_dir, "final.DONE")))
+    assert final["note"] == "no validation ground truth"

@@ -1,5 +1,10 @@
-"""COCO and folder data sources through the whole pipeline (manifest -> warm-up -> stage-0 labels ->
-stage -> refine -> final) on a local Ray, on small datasets the tests write."""
+"""A COCO data source through the whole pipeline on the local Ray (conftest): manifest -> warm-up ->
+stage-0 labels -> 2 stages of training and refinement -> final, on a small COCO dataset the test
+writes; then the pipeline resumed. One run (a module fixture) serves both tests.
+
+The folder source runs end to end in test_object_storage.py (its pipeline, with the run directory on
+S3, is a folder-source run); the VOC layout through the pipeline command in test_faults.py.
+"""
 
 from __future__ import annotations
 
@@ -7,28 +12,29 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 from pycocotools import mask as coco_mask
-from ray_helpers import assert_steps_done, tiny_config
+from ray_helpers import ONE_STAGE_STEPS, assert_steps_done, tiny_config
 
 from raysseg import storage
 from raysseg.config import IGNORE_INDEX
 from raysseg.data import io
 from raysseg.data.manifest import read_manifest
-from raysseg.data.synth import generate_synthetic
 from raysseg.distributed.pipeline import run_pipeline
 from raysseg.rundir import layout
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 
-# The run of both tests: small backbone, one warm-up epoch, one stage of one epoch, tiny crops.
+# Small backbone, one warm-up epoch, two stages of one epoch each, tiny crops.
 FAST = (
     "model.small_width=8",
     "data.crop_size=32",
-    "stages.count=1",
+    "stages.count=2",
     "optim.batch_size=4",
 )
+TWO_STAGE_STEPS = (*ONE_STAGE_STEPS[:-1], "stage_1/train", "stage_1/refine", "final")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -123,13 +129,15 @@ def _coco_split(root: Path, split: str, count: int, seed: int) -> Path:
     return path
 
 
-def test_coco_source_runs_end_to_end(local_ray, tmp_path) -> None:
-    root = tmp_path / "coco"
+@pytest.fixture(scope="module")
+def coco_run(local_ray, tmp_path_factory) -> tuple:
+    """The whole pipeline (2 stages) over 8 train and 2 val COCO images: (config, summary, log)."""
+    root = tmp_path_factory.mktemp("coco")
     train_json = _coco_split(root, "train", 8, seed=0)
     val_json = _coco_split(root, "val", 2, seed=1)
     config = tiny_config(
         root,
-        tmp_path / "run",
+        root / "run",
         *FAST,
         "model.num_classes=4",
         "data.source=coco",
@@ -140,9 +148,14 @@ def test_coco_source_runs_end_to_end(local_ray, tmp_path) -> None:
     )
     lines: list[str] = []
     summary = run_pipeline(config, log=lines.append)
+    return config, summary, lines
+
+
+def test_coco_source_runs_end_to_end(coco_run) -> None:
+    config, summary, lines = coco_run
     run = Path(config.run_dir)
     assert "saliency prior: spectral (OpenCV spectral residual)" in lines
-    assert_steps_done(run)
+    assert_steps_done(run, TWO_STAGE_STEPS)
 
     train = list(read_manifest(layout.dataset_manifest(str(run), "train")))
     assert len(train) == 8
@@ -173,41 +186,25 @@ def test_coco_source_runs_end_to_end(local_ray, tmp_path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Folder
+# The pipeline end to end, then resumed
 
 
-def test_folder_source_runs_end_to_end_and_scores_the_images_with_masks(local_ray, tmp_path):
-    data = tmp_path / "synth"
-    generate_synthetic(str(data), n_train=8, n_val=0, size=40, seed=2)
-    masks = data / "SegmentationClass"
-    for path in sorted(masks.glob("*.png"))[::2]:
-        path.unlink()  # masks for half the images: only those are scored
-    config = tiny_config(
-        data / "JPEGImages",
-        tmp_path / "run",
-        *FAST,
-        "data.source=folder",
-        f"data.labels_file={data / 'image_labels.csv'}",
-        f"data.class_names={data / 'class_names.txt'}",
-        f"data.mask_dir={masks}",
-        "data.saliency=auto",
-        f"data.saliency_dir={data / 'saliency'}",
-    )
-    lines: list[str] = []
-    summary = run_pipeline(config, log=lines.append)
+def test_pipeline_end_to_end_then_resume(coco_run) -> None:
+    config, summary, _ = coco_run
     run = Path(config.run_dir)
-    assert f"saliency prior: folder {data / 'saliency'}" in lines
-    assert summary["saliency_prior"] == f"folder {data / 'saliency'}"
-    assert_steps_done(run)
-    train = list(read_manifest(layout.dataset_manifest(str(run), "train")))
-    assert len(train) == 8 and sum(bool(r.mask_uri) for r in train) == 4
-    for stage in (0, 1):
-        for record in train:
-            assert storage.exists(
-                layout.label_uri(layout.stage_labels(str(run), stage), "seg", record.image_id)
-            )
-    for row in summary["stages"]:
-        assert row["label_scored_images"] == 4 and 0.0 <= row["label_miou"] <= 1.0
-    assert any("label_scored_images=4" in line for line in lines), lines
-    # No validation split in a folder source: the final figure is absent, not an error.
-    assert json.loads((run / "final.DONE").read_text())["note"] == "no validation ground truth"
+    assert (run / "config.yaml").exists()
+    assert_steps_done(run, TWO_STAGE_STEPS)
+    labels_0 = summary["stages"][0]
+    assert 0.0 <= labels_0["label_miou"] <= 1.0
+    assert isinstance(summary["final_miou_ms_crf"], float)
+    train_images = len(list(read_manifest(layout.dataset_manifest(str(run), "train"))))
+    final_rows = pq.read_table(str(run / "stage_2" / "manifest")).num_rows
+    assert final_rows == train_images == 8
+
+    # Delete the last step's marker: the rerun redoes only that step.
+    (run / "final.DONE").unlink()
+    logs: list[str] = []
+    run_pipeline(config, log=logs.append)
+    ran = [line for line in logs if line.endswith(": running")]
+    assert ran == ["[8/8] final: running"], logs
+    assert json.loads((run / "final.DONE").read_text())["miou"] >= 0.0
