@@ -16,6 +16,8 @@ the torch / ray versions, the command line and notes on what raysseg has no sett
 --quick: tiny sizes, one stage, spectral saliency. On CPU "amp" runs in fp32 (raysseg autocasts on
 CUDA only) and the bf16 labels come from CPU bf16 autocast; the JSON says so. The CPU smoke's time is
 mostly the start-up of its four Ray Train stages (~20-25 s each on 2 busy cores).
+One file of about 1,000 lines, on purpose: a device machine is lent for minutes, and this is the
+one script it runs, with one command and one JSON; each step is a function of its own.
 
     python bench/gpu_check.py --out runs/gpu_check                            # one GPU, ~5 minutes
     python bench/gpu_check.py --device cpu --quick --out runs/gpu_check_cpu   # CPU smoke, 2-3 min
@@ -31,7 +33,6 @@ import os
 import re
 import shutil
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -40,6 +41,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import memory
 import numpy as np
 import torch
 from _common import run_facts
@@ -805,29 +807,10 @@ def cpu_act_memory(width: int, height: int, budget_mb: int) -> dict[str, Any]:
         "image": f"{width}x{height}",
         "backbone": "small (bench/memory.py --case)",
         "budget_mb": budget_mb,
-        # ru_maxrss only sees growth above the process's earlier high-water mark: small cases
-        # can read 0.
-        "method": "ru_maxrss growth of a fresh process; torch.cuda peak memory needs CUDA",
+        "method": "VmHWM growth of a fresh process; torch.cuda peak memory needs CUDA",
     }
     for case, budget_mb in cases.items():
-        command = [
-            sys.executable,
-            str(BENCH / "memory.py"),
-            "--case",
-            str(width),
-            str(height),
-            str(budget_mb),
-        ]
-        # Through a shell that forks the case: Linux carries ru_maxrss across exec, so a case
-        # started straight from this (large) process starts at its high-water mark and reads 0.
-        done = subprocess.run(
-            ["sh", "-c", '"$@"; exit $?', "sh", *command], capture_output=True, text=True
-        )
-        if done.returncode != 0:
-            raise RuntimeError(
-                f"{' '.join(command)} exited {done.returncode}: {done.stderr[-3000:]}"
-            )
-        result[f"fp32_{case}"] = json.loads(done.stdout.strip().splitlines()[-1])
+        result[f"fp32_{case}"] = memory.run_case(width, height, budget_mb)
     return result
 
 

@@ -15,6 +15,8 @@ Every case runs once per round (`--rounds`) right after its own serial baseline 
 before it, cases in reverse order): the speed of this shared machine drifts by 10-20 % over minutes,
 so each ratio compares runs a minute apart. The figures printed are medians over the rounds, with
 each round's ratio listed.
+One file of about 500 lines: both sides of the ratio, and the way they are timed, must be read
+side by side to trust it.
 
     python bench/label_update.py --quick                 # tiny sizes, one round, seconds
     python bench/label_update.py                         # full: 96 images of 256x256, 3 rounds

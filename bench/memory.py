@@ -2,8 +2,11 @@
 
 One fresh subprocess per case (torch's CPU allocator never gives memory back to the OS, so cases must
 not share a process): build the small-backbone network, then model.forward(heads="all") + propagate of
-the CAMs under torch.inference_mode, as the label update does. Peak = ru_maxrss after the forward minus
-ru_maxrss before it (imports, weights and the input are in the baseline). "naive" sets a budget so large
+the CAMs under torch.inference_mode, as the label update does. Peak = the kernel's resident-set
+high-water mark (VmHWM) after the forward minus the resident set before it, with the mark reset to the
+resident set just before (/proc/self/clear_refs): imports, weights and the input are in the baseline.
+Linux only. Not ru_maxrss: it survives exec, so a case started by a large parent (pytest, gpu_check)
+would take the parent's size as its own and read a smaller peak as 0. "naive" sets a budget so large
 that nothing is chunked.
 
     python bench/memory.py --quick         # 128x96 and 160x120, seconds
@@ -14,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -37,8 +39,8 @@ def main() -> None:
         return
     rows = []
     for width, height in SIZES["quick" if args.quick else "full"]:
-        chunked = _run_case(width, height, args.budget_mb)
-        naive = _run_case(width, height, NAIVE_BUDGET_MB)
+        chunked = run_case(width, height, args.budget_mb)
+        naive = run_case(width, height, NAIVE_BUDGET_MB)
         rows.append(_row(width, height, chunked, naive, args.budget_mb))
     print(_common.machine_line())
     print("A_CT inference (forward heads=all + CAM propagation), small backbone, CPU, one image")
@@ -56,8 +58,8 @@ def main() -> None:
     )
 
 
-def _run_case(width: int, height: int, budget_mb: int) -> dict:
-    """A fresh interpreter per case: its ru_maxrss holds this case's peak only."""
+def run_case(width: int, height: int, budget_mb: int) -> dict:
+    """A fresh interpreter per case: its high-water mark holds this case's peak only."""
     command = [sys.executable, __file__, "--case", str(width), str(height), str(budget_mb)]
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return json.loads(output.strip().splitlines()[-1])
@@ -75,7 +77,7 @@ def measure_case(width: int, height: int, budget_mb: int) -> dict:
     image = torch.randn(1, 3, height, width)
     with torch.inference_mode():
         model(image[:, :, :64, :64], heads="all")  # warm-up at a tiny size: lazy allocations
-    before = _max_rss_mib()
+    before = _reset_peak_rss_mib()
     started = time.perf_counter()
     with torch.inference_mode():
         outputs = model(image, heads="all")
@@ -84,15 +86,26 @@ def measure_case(width: int, height: int, budget_mb: int) -> dict:
         # Asked under inference_mode: with gradients on, the model forms whole matrices.
         chunk_rows = model._chunk_rows(outputs.affinity, None)
     return {
-        "peak_mib": _max_rss_mib() - before,
+        "peak_mib": _proc_status_mib("VmHWM") - before,
         "positions": outputs.affinity.num_positions,
         "chunk_rows": chunk_rows,
         "seconds": seconds,
     }
 
 
-def _max_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+def _reset_peak_rss_mib() -> float:
+    """Reset this process's VmHWM to its current resident set (clear_refs 5) and return that, MiB."""
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
+    return _proc_status_mib("VmRSS")
+
+
+def _proc_status_mib(field: str) -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024.0  # kB
+    raise RuntimeError(f"/proc/self/status has no {field} line")
 
 
 def _row(width: int, height: int, chunked: dict, naive: dict, budget_mb: int) -> list:

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+from raysseg.engine.metrics import as_percent
 
 
 def main() -> None:
@@ -29,10 +30,6 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
-
-
-def percent(value: Any) -> str:
-    return f"{100 * value:.2f}" if isinstance(value, float) and math.isfinite(value) else "-"
 
 
 def facts_line(facts: dict[str, Any]) -> str:
@@ -56,10 +53,11 @@ def quality_section(results: dict[str, Any]) -> str:
         for name in weak_names:
             stage = runs[name]["summary"]["stages"][index]
             labels = " / ".join(
-                percent(stage.get(key)) for key in ("label_precision", "label_recall", "label_miou")
+                as_percent(stage.get(key))
+                for key in ("label_precision", "label_recall", "label_miou")
             )
-            row += [labels, percent(stage.get("val_miou"))]
-        row.append(percent(stages[index].get("val_miou")) if index < len(stages) else "-")
+            row += [labels, as_percent(stage.get("val_miou"))]
+        row.append(as_percent(stages[index].get("val_miou")) if index < len(stages) else "-")
         rows.append(row)
     per_stage = markdown_table(headers, rows)
     final_rows = [
@@ -89,8 +87,8 @@ def _final_row(
     gain = goal.get("stage1_minus_stage0_label_miou") if goal else None
     return [
         name,
-        percent(last_val),
-        percent(run["summary"].get("final_miou_ms_crf")),
+        as_percent(last_val),
+        as_percent(run["summary"].get("final_miou_ms_crf")),
         f"{ratio:.2f}" if ratio is not None else "-",
         f"{100 * gain:+.2f}" if gain is not None else "-",
         f"{run['seconds']:.0f}",

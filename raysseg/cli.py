@@ -174,7 +174,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_weights_inspect(args: argparse.Namespace) -> int:
-    from raysseg.model.weights import WeightsError, describe_inspection, inspect_weights
+    from raysseg.model.builder import inspect_weights
+    from raysseg.model.weights import WeightsError, describe_inspection
 
     try:
         weights, match = inspect_weights(

@@ -4,6 +4,8 @@ One `Config` holds every setting of a run, in sections at most two levels deep. 
 defaults, then a preset, then a YAML file, then dotted overrides ("optim.lr=0.01"), in that order.
 The same dotted keys serve the CLI, the job configs and the Tune search spaces.
 Unknown keys, wrong types and out-of-range values are errors that name the key.
+One file of about 500 lines: the sections and the checks of their values sit together, so that
+each key's default, type and valid range are read in one place.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from raysseg.data import io
 from raysseg.data.transforms import normalize
 from raysseg.engine.checkpoint import load_checkpoint, restore_model
 from raysseg.engine.loop import predict_probs
-from raysseg.labels.crf import dense_crf
+from raysseg.labels.crf import dense_crf, inference_crf_params
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -31,16 +31,7 @@ def predict_label(
     probs = predict_probs(model, tensor, scales=scales, flip=flip, fuse=evaluation.fuse)
     probs = probs.float().cpu().numpy()  # (C, H, W)
     if crf:
-        probs = dense_crf(
-            image,
-            probs,
-            gauss_sxy=evaluation.crf_gauss_sxy,
-            gauss_compat=evaluation.crf_gauss_compat,
-            bilateral_sxy=evaluation.crf_bilateral_sxy,
-            bilateral_srgb=evaluation.crf_bilateral_srgb,
-            bilateral_compat=evaluation.crf_bilateral_compat,
-            iterations=evaluation.crf_iterations,
-        )
+        probs = dense_crf(image, probs, inference_crf_params(evaluation))
     return probs.argmax(axis=0).astype(np.uint8)
 
 

@@ -7,6 +7,7 @@ import torch
 from raysseg.engine.metrics import (
     ConfusionMatrix,
     LabelQuality,
+    as_percent,
     pseudo_label_quality,
     saliency_f_measure,
     saliency_mae,
@@ -158,3 +159,10 @@ def test_saliency_f_measure_adaptive_threshold():
     expected = 1.3 * precision * recall / (0.3 * precision + recall)
     assert saliency_f_measure(pred, gt) == pytest.approx(expected)
     assert saliency_f_measure(np.zeros((4, 4)), gt) == 0.0
+
+
+def test_as_percent_prints_scores_and_marks_missing_ones() -> None:
+    assert as_percent(0.41934) == "41.93"
+    assert as_percent(0.5, width=7) == "  50.00"
+    assert as_percent(None, width=6) == "     -"
+    assert as_percent(float("nan")) == "-"

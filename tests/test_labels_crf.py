@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
-from raysseg.labels.crf import dense_crf, saliency_crf
+from raysseg.config import EvalConfig, LabelsConfig
+from raysseg.labels.crf import (
+    INFERENCE_CRF,
+    SALIENCY_CRF,
+    dense_crf,
+    inference_crf_params,
+    saliency_crf,
+    saliency_crf_params,
+)
 
 
 def _edge_scene(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -72,7 +82,7 @@ def test_dense_crf_three_labels() -> None:
     image = rng.integers(0, 256, size=(12, 16, 3), dtype=np.uint8)
     logits = rng.normal(size=(3, 12, 16))
     probs = np.exp(logits) / np.exp(logits).sum(0, keepdims=True)
-    marginals = dense_crf(image, probs, iterations=3)
+    marginals = dense_crf(image, probs, replace(INFERENCE_CRF, iterations=3))
     assert marginals.shape == (3, 12, 16)
     np.testing.assert_allclose(marginals.sum(axis=0), 1.0, atol=1e-4)
 
@@ -94,3 +104,22 @@ def test_crf_accepts_read_only_inputs() -> None:
     prob.setflags(write=False)
     writable = saliency_crf(image.copy(), prob.copy())
     assert np.allclose(saliency_crf(image, prob), writable)
+
+
+def test_crf_params_come_from_the_users_config_keys() -> None:
+    labels = LabelsConfig(sal_crf_bilateral_sxy=40.0, sal_crf_iterations=3)
+    evaluation = EvalConfig(crf_gauss_compat=1.5, crf_iterations=4)
+    assert saliency_crf_params(labels) == replace(SALIENCY_CRF, bilateral_sxy=40.0, iterations=3)
+    assert inference_crf_params(evaluation) == replace(
+        INFERENCE_CRF, gauss_compat=1.5, iterations=4
+    )
+    assert SALIENCY_CRF.iterations == 1 and INFERENCE_CRF.iterations == 10  # METHOD.md
+
+
+def test_the_configured_crf_parameters_change_the_result() -> None:
+    image, _, prob = _edge_scene()
+    default = saliency_crf(image, prob)
+    params = saliency_crf_params(
+        LabelsConfig(sal_crf_bilateral_compat=0.0, sal_crf_gauss_compat=0.0)
+    )
+    assert not np.allclose(saliency_crf(image, prob, params=params), default)

@@ -26,7 +26,7 @@ from raysseg.model.affinity import (
     from_rows,
     to_rows,
 )
-from raysseg.model.backbone import load_backbone_weights
+from raysseg.model.weights import load_backbone_weights
 
 NUM_CLASSES = 5
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from raysseg.data.transforms import normalize
-from raysseg.model.backbone import build_backbone
+from raysseg.model.builder import build_backbone
 from raysseg.model.efficientnet import (
     EfficientNetLite0,
     block_strides_and_dilations,

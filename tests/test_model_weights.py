@@ -17,7 +17,7 @@ import torch
 from raysseg.cli import main
 from raysseg.config import ConfigError, ModelConfig
 from raysseg.engine.checkpoint import save_checkpoint
-from raysseg.model.backbone import build_backbone
+from raysseg.model.builder import build_backbone
 from raysseg.model.network import build_model
 from raysseg.model.weights import (
     WeightsError,

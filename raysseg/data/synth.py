@@ -14,6 +14,7 @@ part of an object, sometimes firing on a distractor. Ground-truth masks are exac
 Layout written: JPEGImages/<id>.jpg, SegmentationClass/<id>.png (VOC palette, index = class id),
 ImageSets/Segmentation/{train,val}.txt, saliency/<id>.png (grey), class_names.txt and
 image_labels.csv (`image_id,labels` with class names, the labels a mask implies).
+One file of about 400 lines: the painting helpers serve only this generator.
 Deterministic given the seed: image i of a split depends only on (seed, split, i).
 """
 

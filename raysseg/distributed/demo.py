@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from raysseg import storage as io
+from raysseg import storage
 from raysseg.config import Config, load_config
 from raysseg.data.composite import generate_composites
 from raysseg.distributed.pipeline import run_pipeline
@@ -78,7 +78,7 @@ def demo_config(out_dir: str, quick: bool = False, extra: dict[str, Any] | None 
 
 def ensure_demo_data(config: Config, quick: bool) -> None:
     """Write the demo's composite dataset under config.data.root unless it is already there."""
-    if io.exists(os.path.join(config.data.root, "class_names.txt")):
+    if storage.exists(os.path.join(config.data.root, "class_names.txt")):
         return
     settings = DEMO_SETTINGS["quick" if quick else "full"]
     print(f"writing the real-pixel composite dataset to {config.data.root}")

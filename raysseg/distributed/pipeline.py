@@ -23,6 +23,7 @@ from raysseg.data.sources import train_records, val_records
 from raysseg.distributed.evaluate import evaluate_checkpoint, label_quality
 from raysseg.distributed.refine import update_stage_labels
 from raysseg.distributed.train import StageSpec, train_stage
+from raysseg.engine.metrics import as_percent
 from raysseg.labels.saliency import describe_saliency, resolve_saliency
 from raysseg.model.weights import check_pretrained
 from raysseg.rundir import layout
@@ -244,10 +245,6 @@ def summarize(config: Config) -> dict[str, Any]:
 
 
 def format_summary(summary: dict[str, Any]) -> str:
-    def cell(value: Any) -> str:
-        finite = isinstance(value, float) and math.isfinite(value)
-        return f"{100 * value:6.2f}" if finite else f"{'-':>6s}"
-
     def count(value: Any) -> str:
         return f"{value:6d}" if isinstance(value, int) else f"{'-':>6s}"
 
@@ -257,13 +254,15 @@ def format_summary(summary: dict[str, Any]) -> str:
     ]
     for row in summary["stages"]:
         labels = " / ".join(
-            cell(row.get(k)) for k in ("label_precision", "label_recall", "label_miou")
+            as_percent(row.get(k), 6) for k in ("label_precision", "label_recall", "label_miou")
         )
         scored = count(row.get("label_scored_images"))
-        lines.append(f"{row['stage']:5d} | {labels} | {scored} | {cell(row.get('val_miou'))}")
+        lines.append(
+            f"{row['stage']:5d} | {labels} | {scored} | {as_percent(row.get('val_miou'), 6)}"
+        )
     final = summary.get("final_miou_ms_crf")
     if isinstance(final, float) and math.isfinite(final):
-        lines.append(f"final model, multi-scale + flip + CRF: val mIoU {100 * final:.2f}%")
+        lines.append(f"final model, multi-scale + flip + CRF: val mIoU {as_percent(final)}%")
     if summary.get("saliency_prior"):
         lines.append(f"saliency prior: {summary['saliency_prior']}")
     return "\n".join(lines)

@@ -17,10 +17,8 @@ from torch import nn
 
 from raysseg import storage
 from raysseg.model.network import build_model_from_args
-
-FORMAT = "raysseg-checkpoint-v1"
-# Prefixes that wrappers add to parameter names: DistributedDataParallel and torch.compile.
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+from raysseg.model.weights import CHECKPOINT_FORMAT as FORMAT
+from raysseg.model.weights import strip_wrapper_prefixes
 
 
 class CheckpointError(RuntimeError):
@@ -36,16 +34,6 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             model = model._orig_mod
         else:
             return model
-
-
-def strip_wrapper_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Parameter names without "module." / "_orig_mod." prefixes (from wrapped models)."""
-    stripped = {}
-    for name, value in state.items():
-        while name.startswith(_WRAPPER_PREFIXES):
-            name = name.split(".", 1)[1]
-        stripped[name] = value
-    return stripped
 
 
 def save_checkpoint(

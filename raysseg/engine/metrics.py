@@ -258,9 +258,17 @@ def saliency_f_measure(pred: ArrayLike, gt: ArrayLike, beta2: float = 0.3) -> fl
     return float((1 + beta2) * precision * recall / (beta2 * precision + recall))
 
 
+def as_percent(value: Any, width: int = 0) -> str:
+    """A score in [0, 1] as a percentage with 2 decimals, right-aligned to `width`; "-" when it is
+    absent or not finite (a stage that scored nothing). Every table of scores prints through this."""
+    finite = isinstance(value, float) and np.isfinite(value)
+    return f"{100 * value:{width}.2f}" if finite else "-".rjust(width)
+
+
 __all__ = [
     "ConfusionMatrix",
     "LabelQuality",
+    "as_percent",
     "pseudo_label_quality",
     "saliency_f_measure",
     "saliency_mae",

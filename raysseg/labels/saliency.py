@@ -29,7 +29,7 @@ from PIL import Image
 
 from raysseg import storage
 from raysseg.config import ConfigError, DataConfig
-from raysseg.data import io as data_io
+from raysseg.data import io
 from raysseg.data.records import DataError
 from raysseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from raysseg.rundir.layout import shard_of
@@ -62,7 +62,7 @@ def saliency_png_uri(folder: str, image_id: str) -> str:
 def read_saliency_png(uri: str, size: tuple[int, int]) -> np.ndarray:
     """Grey PNG [0, 255] -> float32 [0, 1]; a missing file or another size is an error."""
     try:
-        saliency = data_io.read_saliency(uri)
+        saliency = io.read_saliency(uri)
     except FileNotFoundError as error:
         raise FileNotFoundError(f"saliency map '{uri}' does not exist") from error
     if saliency.shape != tuple(size):
@@ -75,7 +75,7 @@ def read_saliency_png(uri: str, size: tuple[int, int]) -> np.ndarray:
 
 def quantize_saliency(saliency: np.ndarray) -> np.ndarray:
     """The float32 values a grey PNG stores for `saliency` (steps of 1/255)."""
-    return data_io.saliency_to_uint8(saliency).astype(np.float32) / np.float32(255.0)
+    return io.saliency_to_uint8(saliency).astype(np.float32) / np.float32(255.0)
 
 
 class FolderSaliency(SaliencySource):
@@ -255,7 +255,7 @@ class CachedSaliency(SaliencySource):
             pass  # not computed yet
         saliency = self.source(image, image_id)
         # Atomic (temp name, then rename): a concurrent reader never sees half a PNG.
-        data_io.write_png_atomic(uri, data_io.saliency_to_uint8(saliency))
+        io.write_png_atomic(uri, io.saliency_to_uint8(saliency))
         return quantize_saliency(saliency)
 
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from raysseg.config import LabelsConfig
 from raysseg.labels.cam import eval_mode, model_device, normalize_cam, present_indices
-from raysseg.labels.crf import saliency_crf
+from raysseg.labels.crf import saliency_crf, saliency_crf_params
 from raysseg.labels.fusion import fuse_labels
 
 
@@ -75,15 +75,7 @@ def finalize_labels(
         )
     averaged = (sal_prob.astype(np.float32) + prior_saliency.astype(np.float32)) / 2.0
     sal_label = saliency_crf(
-        image,
-        averaged,
-        tau=labels_config.crf_tau,
-        gauss_sxy=labels_config.sal_crf_gauss_sxy,
-        gauss_compat=labels_config.sal_crf_gauss_compat,
-        bilateral_sxy=labels_config.sal_crf_bilateral_sxy,
-        bilateral_srgb=labels_config.sal_crf_bilateral_srgb,
-        bilateral_compat=labels_config.sal_crf_bilateral_compat,
-        iterations=labels_config.sal_crf_iterations,
+        image, averaged, tau=labels_config.crf_tau, params=saliency_crf_params(labels_config)
     )
     seg_label = fuse_labels(
         cams,

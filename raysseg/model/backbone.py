@@ -20,17 +20,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from raysseg.model.weights import (
-    WeightsFile,
-    load_backbone_weights,
-    load_pretrained,
-    load_state,
-    read_state_dict,
-)
+from raysseg.model.weights import WeightsFile, load_state
 
 logger = logging.getLogger(__name__)
-
-BACKBONE_NAMES = ("resnet38d", "resnet50", "resnet101", "efficientnet_lite0", "small")
 
 
 class Backbone(nn.Module):
@@ -301,49 +293,9 @@ class SmallBackbone(Backbone):
         return self.blocks(x)  # (B, width, H/8, W/8)
 
 
-# --------------------------------------------------------------------------------------------
-# Building and weight loading.
-# --------------------------------------------------------------------------------------------
-
-
-def build_backbone(
-    name: str, output_stride: int = 8, pretrained: str | None = "", small_width: int = 64
-) -> Backbone:
-    """Build a backbone, apply `pretrained` (`raysseg.model.weights.load_pretrained`), freeze it.
-
-    name: one of BACKBONE_NAMES; resnet38d and small have output stride 8 only. pretrained: a path
-    or URI, "torchvision", "none" (random, warned), "" (the backbone's default weights; an error for
-    the ResNets) or None (nothing loaded and nothing said: rebuilding from a checkpoint).
-    """
-    if name in ("resnet38d", "small") and output_stride != 8:
-        raise ValueError(f"backbone '{name}' supports output_stride 8 only, got {output_stride}")
-    if name == "resnet38d":
-        backbone: Backbone = ResNet38d()
-    elif name in ("resnet50", "resnet101"):
-        backbone = DilatedResNet(
-            depth=int(name.removeprefix("resnet")), output_stride=output_stride
-        )
-    elif name == "efficientnet_lite0":
-        from raysseg.model.efficientnet import EfficientNetLite0  # lazily: it imports this module
-
-        backbone = EfficientNetLite0(output_stride=output_stride)
-    elif name == "small":
-        backbone = SmallBackbone(width=small_width)
-    else:
-        raise ValueError(f"unknown backbone '{name}' (known: {', '.join(BACKBONE_NAMES)})")
-    backbone.build_args = {"name": name, "output_stride": output_stride, "small_width": small_width}
-    load_pretrained(backbone, name, pretrained)
-    backbone.freeze()
-    return backbone
-
-
 __all__ = [
-    "BACKBONE_NAMES",
     "Backbone",
     "DilatedResNet",
     "ResNet38d",
     "SmallBackbone",
-    "build_backbone",
-    "load_backbone_weights",
-    "read_state_dict",
 ]

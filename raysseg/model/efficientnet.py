@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from raysseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from raysseg.model.backbone import Backbone
+from raysseg.model.weights import load_backbone_weights
 
 # TF "batch_norm_momentum" 0.99 is torch momentum 0.01; epsilon as in the TF-Lite models.
 BN_MOMENTUM = 0.01
@@ -215,8 +216,6 @@ def imagenet_state_dict() -> dict[str, Tensor]:
 
 def load_packaged_weights(backbone: nn.Module) -> None:
     """Load the packaged ImageNet weights under the policy of every weights file (all keys match)."""
-    from raysseg.model.weights import load_backbone_weights  # lazily: weights imports backbone
-
     load_backbone_weights(backbone, str(packaged_weights_path()))
 
 

@@ -18,7 +18,8 @@ from raysseg.model.affinity import (
     from_rows,
     to_rows,
 )
-from raysseg.model.backbone import Backbone, build_backbone
+from raysseg.model.backbone import Backbone
+from raysseg.model.builder import build_backbone
 from raysseg.model.heads import TASK_CHANNELS, ClassificationHead, PredictionHead, TaskFeatureHead
 
 HEADS = ("all", "cls")
@@ -186,7 +187,7 @@ class AuxSegNet(nn.Module):
 
 
 def build_model(model_config: ModelConfig) -> AuxSegNet:
-    """AuxSegNet from the `model` config section; `pretrained` as in `weights.load_pretrained`."""
+    """AuxSegNet from the `model` config section; `pretrained` as in `builder.load_pretrained`."""
     backbone = build_backbone(
         model_config.backbone,
         output_stride=model_config.output_stride,

@@ -16,6 +16,8 @@ Anything else is a `WeightsError` naming the file and the keys, so a run never s
 weights on purpose, with a warning); empty = the backbone's default weights: the packaged ImageNet
 weights for efficientnet_lite0, none for small, and an error for the ResNets (no offline default, and
 silently training from random weights wastes a run).
+One file of about 550 lines: the MXNet reader (a third of it) raises the same `WeightsError`s and
+feeds the same `WeightsFile` and key match as the torch reader; apart, they would import each other.
 """
 
 from __future__ import annotations
@@ -45,6 +47,11 @@ NO_PRETRAINED_WEIGHTS = ("small",)
 TORCHVISION_BACKBONES = ("resnet50", "resnet101")
 RANDOM_WEIGHTS = "none"
 NAMES_SHOWN = 10  # keys listed in messages before "... and N more"
+# The tag of raysseg's own checkpoints (engine/checkpoint.py writes it). It lives here because
+# recognising a weights file is this module's job, and the checkpoint module sits above the model.
+CHECKPOINT_FORMAT = "raysseg-checkpoint-v1"
+# Prefixes that wrappers add to parameter names: DistributedDataParallel and torch.compile.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
 class WeightsError(ValueError):
@@ -210,10 +217,17 @@ def _stream_size(stream: BinaryIO) -> int:
     return size
 
 
-def _torch_weights(source: str, payload: str | BytesIO) -> WeightsFile:
-    # Lazily: engine.checkpoint imports the model package, which imports this module.
-    from raysseg.engine.checkpoint import FORMAT, strip_wrapper_prefixes
+def strip_wrapper_prefixes(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Parameter names without "module." / "_orig_mod." prefixes (from wrapped models)."""
+    stripped = {}
+    for name, value in state.items():
+        while name.startswith(_WRAPPER_PREFIXES):
+            name = name.split(".", 1)[1]
+        stripped[name] = value
+    return stripped
 
+
+def _torch_weights(source: str, payload: str | BytesIO) -> WeightsFile:
     if isinstance(payload, BytesIO):
         payload.seek(0)
     try:
@@ -223,7 +237,11 @@ def _torch_weights(source: str, payload: str | BytesIO) -> WeightsFile:
             f"weights file '{source}': not a readable torch file ({error})"
         ) from error
     notes = []
-    if isinstance(loaded, dict) and loaded.get("format") == FORMAT and "model_state" in loaded:
+    if (
+        isinstance(loaded, dict)
+        and loaded.get("format") == CHECKPOINT_FORMAT
+        and "model_state" in loaded
+    ):
         args = loaded.get("model_args") or {}
         notes.append(f"raysseg checkpoint of backbone '{args.get('backbone', '?')}'")
         loaded = loaded["model_state"]
@@ -494,39 +512,6 @@ def check_pretrained(model_config: ModelConfig) -> str:
     return choice
 
 
-def load_pretrained(backbone: nn.Module, name: str, pretrained: str | None) -> KeyMatch | None:
-    """Apply `pretrained` to a freshly built backbone `name`; returns the match of a file load."""
-    choice = pretrained_choice(name, pretrained)
-    if choice == "random" and name not in NO_PRETRAINED_WEIGHTS:
-        logger.warning(
-            "backbone '%s': model.pretrained=none, training from random weights on purpose", name
-        )
-    elif choice == "packaged":
-        # Lazily: efficientnet.py imports backbone.py, which imports this module.
-        from raysseg.model.efficientnet import load_packaged_weights
-
-        load_packaged_weights(backbone)
-    elif choice == "torchvision":
-        backbone.load_torchvision_weights()
-    elif choice == "file":
-        return load_backbone_weights(backbone, pretrained.strip())
-    return None
-
-
-def inspect_weights(
-    source: str, backbone: str, output_stride: int = 8, small_width: int = 64
-) -> tuple[WeightsFile, KeyMatch]:
-    """Read `source` and match it against backbone `backbone` as a load would (nothing loaded)."""
-    # Lazily: backbone.py imports this module.
-    from raysseg.model.backbone import build_backbone
-
-    weights = read_weights(source)
-    # On the meta device: names and shapes only, no memory for a 4096-channel ResNet-38.
-    with torch.device("meta"):
-        model = build_backbone(backbone, output_stride, pretrained=None, small_width=small_width)
-    return weights, match_weights(model.state_dict(), weights.state)
-
-
 def describe_inspection(weights: WeightsFile, match: KeyMatch, limit: int = NAMES_SHOWN) -> str:
     """`raysseg weights inspect`'s report: format, then each key group with a count and names."""
     lines = [f"file: {weights.source}", f"format: {weights.format}"]
@@ -549,15 +534,14 @@ def describe_inspection(weights: WeightsFile, match: KeyMatch, limit: int = NAME
 
 
 __all__ = [
+    "CHECKPOINT_FORMAT",
     "KeyMatch",
     "WeightsError",
     "WeightsFile",
     "check_match",
     "check_pretrained",
     "describe_inspection",
-    "inspect_weights",
     "load_backbone_weights",
-    "load_pretrained",
     "load_state",
     "match_problems",
     "match_weights",
@@ -566,4 +550,5 @@ __all__ = [
     "read_mxnet_params",
     "read_state_dict",
     "read_weights",
+    "strip_wrapper_prefixes",
 ]
