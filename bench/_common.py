@@ -5,8 +5,10 @@ Bench scripts run as `python bench/<name>.py`, so this folder is on sys.path and
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -68,10 +70,15 @@ def timed(function: Callable[[], Any]) -> tuple[Any, float]:
     return result, time.perf_counter() - started
 
 
+# Taken when a bench starts, before it pins itself to fewer cores: the machine line describes the
+# machine the bench was given, whichever cores one of its cases used.
+_USABLE_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
 def machine_line() -> str:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return (
-        f"machine: {platform.machine()}, {cores} usable cores, python {platform.python_version()}"
+        f"machine: {platform.machine()}, {_USABLE_CORES} usable cores, "
+        f"python {platform.python_version()}"
     )
 
 
@@ -97,6 +104,17 @@ def run_facts(argv: Sequence[str]) -> dict[str, Any]:
         "machine": machine_line().removeprefix("machine: "),
         "torch": torch.__version__,
     }
+
+
+def write_results(out: str | Path, bench: str, **figures: Any) -> Path:
+    """OUT/<bench>.json: the bench's raw figures with its run facts, which bench/report.py turns
+    into BENCHMARKS.md's section of that bench."""
+    path = Path(out) / f"{bench}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"bench": bench, "facts": run_facts(sys.argv), **figures}
+    path.write_text(json.dumps(record, indent=2, default=float))
+    print(f"figures written to {path}")
+    return path
 
 
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:

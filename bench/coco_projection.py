@@ -14,7 +14,8 @@ Assumptions (printed with the figures):
     parallel efficiency measured there is included; scaling out is assumed to keep it.
 GPU-hours: not measured (no GPU on the machine these figures come from).
 
-    python bench/coco_projection.py --from-json runs/bench_label_update/label_update.json
+    python bench/coco_projection.py --from-json runs/bench_label_update/label_update.json \
+        --out runs/bench_coco_projection             # the table also in OUT/coco_projection.json
     python bench/coco_projection.py --quick          # built-in example costs, clearly labelled
 """
 
@@ -41,14 +42,18 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=None, help="measured square image side")
     parser.add_argument("--serial-s", type=float, default=None, help="serial s/image, 1 core")
     parser.add_argument("--ray-s-per-core", type=float, default=None, help="Ray core-s/image")
+    parser.add_argument(
+        "--out", default=None, help="also write the table to OUT/coco_projection.json"
+    )
     args = parser.parse_args()
     costs, source = _costs(args)
+    label_update = costs.pop("label_update", None)  # the run the costs come from, if measured
     scale = COCO_PIXELS / costs["size"] ** 2
     print(_common.machine_line())
     print(f"source: {source}; measured at {costs['size']}x{costs['size']}, x{scale:.2f} by pixels")
-    rows = [
-        _row("serial loop (1 core)", costs["serial_s"] * scale),
-        _row("ray label update", costs["ray_s_per_core"] * scale),
+    projections = [
+        _projection("serial loop (1 core)", costs["serial_s"] * scale),
+        _projection("Ray label update", costs["ray_s_per_core"] * scale),
     ]
     _common.print_table(
         [
@@ -60,12 +65,23 @@ def main() -> None:
             "cores for < 1 h",
             "16-core nodes",
         ],
-        rows,
+        [_row(projection) for projection in projections],
     )
     print(
         "assumptions: pixel-count scaling (A_CT grows faster: lower bound), small CPU backbone, "
         "the measured per-core Ray cost kept when scaling out; GPU-hours not measured"
     )
+    if args.out:
+        _common.write_results(
+            args.out,
+            "coco_projection",
+            source=source,
+            label_update=label_update,
+            costs=costs,
+            pixel_scale=scale,
+            stages=STAGES,
+            projections=projections,
+        )
 
 
 def _costs(args: argparse.Namespace) -> tuple[dict, str]:
@@ -116,21 +132,35 @@ def _from_bench(path: Path) -> dict:
         "size": record["settings"]["size"],
         "serial_s": serial["seconds"] / serial["images"],
         "ray_s_per_core": top / ray_rate,
+        "label_update": _run_of(record),
     }
 
 
-def _row(name: str, core_s: float) -> list:
+def _run_of(record: dict) -> dict:
+    """Which label-update run the costs come from, for the projection's first column."""
+    settings = record["settings"]
+    commit = record.get("facts", {}).get("commit", "unknown")
+    return {"images": settings["images"], "rounds": settings.get("rounds"), "commit": commit}
+
+
+def _projection(approach: str, core_s: float) -> dict:
     core_h = core_s * COCO_TRAIN2014_IMAGES / 3600.0
     cores = math.ceil(core_h)  # core-hours spread over 1 hour of wall time
-    return [
-        name,
-        core_s,
-        core_h,
-        core_h * STAGES,
-        "not measured",
-        cores,
-        math.ceil(cores / 16),
-    ]
+    return {
+        "approach": approach,
+        "core_s_per_image": core_s,
+        "core_h_per_update": core_h,
+        "core_h_all_updates": core_h * STAGES,
+        "gpu_h": None,  # not measured: no GPU on the machine the costs come from
+        "cores_for_one_hour": cores,
+        "nodes_of_16": math.ceil(cores / 16),
+    }
+
+
+def _row(projection: dict) -> list:
+    keys = ("approach", "core_s_per_image", "core_h_per_update", "core_h_all_updates")
+    tail = [projection["cores_for_one_hour"], projection["nodes_of_16"]]
+    return [*(projection[key] for key in keys), "not measured", *tail]
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ Each figure is the median of `--repeats` runs, interleaved so machine noise hits
 
     python bench/crf.py --quick          # 64x48, seconds
     python bench/crf.py                  # 500x375 (a typical VOC image), about a minute
+    python bench/crf.py --out runs/bench_crf     # the same, figures also in runs/bench_crf/crf.json
 """
 
 from __future__ import annotations
@@ -35,19 +36,26 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--out", default=None, help="also write the figures to OUT/crf.json")
     args = parser.parse_args()
     settings = dict(SETTINGS["quick" if args.quick else "full"])
     settings.update({k: v for k, v in vars(args).items() if k in settings and v is not None})
     image, rng = _inputs(settings["height"], settings["width"])
-    megapixels = settings["height"] * settings["width"] / 1e6
-    rows = [_case_saliency(image, rng, settings["repeats"], megapixels)]
+    settings["megapixels"] = settings["height"] * settings["width"] / 1e6
+    cases = [_case_saliency(image, rng, settings["repeats"])]
     for labels in (3, 21):
-        rows.append(_case_dense(image, rng, labels, settings["repeats"], megapixels))
+        cases.append(_case_dense(image, rng, labels, settings["repeats"]))
     print(_common.machine_line())
-    print(f"dense CRF on {settings['width']}x{settings['height']} ({megapixels:.3f} MP), one core")
-    _common.print_table(
-        ["case", "raysseg ms", "raw ms", "overhead %", "raysseg s/MP", "raw s/MP"], rows
+    print(
+        f"dense CRF on {settings['width']}x{settings['height']} ({settings['megapixels']:.3f} MP), "
+        "one core"
     )
+    _common.print_table(
+        ["case", "raysseg ms", "raw ms", "overhead %", "raysseg s/MP", "raw s/MP"],
+        [_row(case, settings["megapixels"]) for case in cases],
+    )
+    if args.out:
+        _common.write_results(args.out, "crf", settings=settings, cases=cases)
 
 
 def _inputs(height: int, width: int) -> tuple[np.ndarray, np.random.Generator]:
@@ -69,12 +77,12 @@ def _median_pair(
     return statistics.median(ours_s), statistics.median(raw_s)
 
 
-def _case_saliency(image: np.ndarray, rng: np.random.Generator, repeats: int, mp: float) -> list:
+def _case_saliency(image: np.ndarray, rng: np.random.Generator, repeats: int) -> dict:
     sal = rng.random(image.shape[:2], dtype=np.float32)
     ours, raw = _median_pair(
         lambda: saliency_crf(image, sal), lambda: _raw_saliency(image, sal), repeats
     )
-    return _row("saliency, 2 labels / 1 iter", ours, raw, mp)
+    return _case("saliency", 2, 1, ours, raw)
 
 
 def _raw_saliency(image: np.ndarray, sal: np.ndarray, tau: float = 1.05) -> np.ndarray:
@@ -91,15 +99,13 @@ def _raw_saliency(image: np.ndarray, sal: np.ndarray, tau: float = 1.05) -> np.n
     return np.asarray(crf.inference(1)).reshape(2, height, width)[1]
 
 
-def _case_dense(
-    image: np.ndarray, rng: np.random.Generator, labels: int, repeats: int, mp: float
-) -> list:
+def _case_dense(image: np.ndarray, rng: np.random.Generator, labels: int, repeats: int) -> dict:
     logits = rng.random((labels, *image.shape[:2]), dtype=np.float32) * 4
     probs = np.exp(logits) / np.exp(logits).sum(axis=0, keepdims=True)
     ours, raw = _median_pair(
         lambda: dense_crf(image, probs), lambda: _raw_dense(image, probs), repeats
     )
-    return _row(f"inference, {labels} labels / 10 iter", ours, raw, mp)
+    return _case("inference", labels, 10, ours, raw)
 
 
 def _raw_dense(image: np.ndarray, probs: np.ndarray) -> np.ndarray:
@@ -112,7 +118,20 @@ def _raw_dense(image: np.ndarray, probs: np.ndarray) -> np.ndarray:
     return np.asarray(crf.inference(10)).reshape(labels, height, width)
 
 
-def _row(name: str, ours: float, raw: float, megapixels: float) -> list:
+def _case(kind: str, labels: int, iterations: int, ours: float, raw: float) -> dict:
+    """One case's medians in seconds, as crf.json holds them."""
+    return {
+        "kind": kind,
+        "labels": labels,
+        "iterations": iterations,
+        "raysseg_s": ours,
+        "raw_s": raw,
+    }
+
+
+def _row(case: dict, megapixels: float) -> list:
+    ours, raw = case["raysseg_s"], case["raw_s"]
+    name = f"{case['kind']}, {case['labels']} labels / {case['iterations']} iter"
     overhead = 100.0 * (ours / raw - 1.0)
     return [name, 1e3 * ours, 1e3 * raw, overhead, ours / megapixels, raw / megapixels]
 

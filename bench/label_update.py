@@ -20,13 +20,13 @@ side by side to trust it.
 
     python bench/label_update.py --quick                 # tiny sizes, one round, seconds
     python bench/label_update.py                         # full: 96 images of 256x256, 3 rounds
+Every run writes its figures to OUT/label_update.json (OUT: --out, default runs/bench_label_update).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import shutil
@@ -50,6 +50,8 @@ from raysseg.labels.update import finalize_labels, infer_label_maps
 from raysseg.rundir import layout
 
 NOT_RAY = ("serial", "independent")  # result keys that are not a crf_placement case
+# Ray's rate / the serial loop's on 1 core, by worker count: the label update's speed goals.
+GOALS = {"1": 0.95, "2": 1.8}
 SETTINGS = {
     "quick": {"images": 8, "size": 48, "width": 16},
     "full": {"images": 96, "size": 256, "width": 64},
@@ -288,8 +290,13 @@ def run_ray(
     os.sched_setaffinity(0, cores)  # set before ray.init: the raylet and its workers inherit it
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     try:
+        # address="local": a Ray of this bench's own, on the pinned cores, even when another
+        # Ray runs on this machine.
         ray.init(
-            num_cpus=args.cpus_per_core * workers, include_dashboard=False, log_to_driver=False
+            address="local",
+            num_cpus=args.cpus_per_core * workers,
+            include_dashboard=False,
+            log_to_driver=False,
         )
         ray.data.DataContext.get_current().enable_progress_bars = False
         subsets = _subset_manifests(manifest, out, workers * config.resources.refine_batch_size)
@@ -355,21 +362,18 @@ def _report(settings: dict, rounds: list[dict], out: Path) -> None:
         f"{settings['size']}, small backbone width {settings['width']}; medians of "
         f"{len(rounds)} round(s), every case next to its own serial baseline"
     )
-    rows = []
-    for group, cases in medians.items():
-        for name, result in cases.items():
-            if name in NOT_RAY:
-                continue
-            rows.append(
-                [
-                    _group_label(group),
-                    name,
-                    _median([r[group][name]["serial"]["images_per_s"] for r in rounds]),
-                    result["images_per_s"],
-                    result["steady_images_per_s"],
-                    result["fixed_s"],
-                ]
-            )
+    cases = _case_medians(medians, rounds)
+    rows = [
+        [
+            _group_label(case["group"]),
+            case["crf_placement"],
+            case["serial_images_per_s"],
+            case["images_per_s"],
+            case["steady_images_per_s"],
+            case["fixed_s"],
+        ]
+        for case in cases
+    ]
     _common.print_table(
         [
             "workers(cores)",
@@ -382,15 +386,30 @@ def _report(settings: dict, rounds: list[dict], out: Path) -> None:
         rows,
     )
     _print_ratios(medians, ratios, rounds)
-    record = {
-        "settings": settings,
-        "results": {group: cases for group, cases in medians.items() if group != "free"},
-        "one_worker_free_daemons": medians.get("free", {}),
-        "ratios": ratios,
-        "rounds": rounds,
-    }
-    (out / "label_update.json").write_text(json.dumps(record, indent=2))
-    print(f"per-image costs written to {out / 'label_update.json'}")
+    _common.write_results(
+        out,
+        "label_update",
+        settings={**settings, "cores": len(os.sched_getaffinity(0))},
+        results={group: cases for group, cases in medians.items() if group != "free"},
+        one_worker_free_daemons=medians.get("free", {}),
+        cases=cases,
+        ratios=ratios,
+        goals=GOALS,
+        rounds=rounds,
+    )
+
+
+def _case_medians(medians: dict, rounds: list[dict]) -> list[dict[str, Any]]:
+    """One entry per Ray case: its medians, and the median of its own serial baselines."""
+    cases = []
+    for group, results in medians.items():
+        for name, result in results.items():
+            if name in NOT_RAY:
+                continue
+            serial = _median([r[group][name]["serial"]["images_per_s"] for r in rounds])
+            case = {"group": group, "crf_placement": name, "serial_images_per_s": serial}
+            cases.append({**case, **result})
+    return cases
 
 
 def _print_ratios(medians: dict, ratios: dict, rounds: list[dict]) -> None:

@@ -11,6 +11,7 @@ that nothing is chunked.
 
     python bench/memory.py --quick         # 128x96 and 160x120, seconds
     python bench/memory.py                 # 500x375 and 640x480, about a minute
+    python bench/memory.py --out runs/bench_memory     # the same, figures also in memory.json
 """
 
 from __future__ import annotations
@@ -32,16 +33,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes (CI smoke)")
     parser.add_argument("--budget-mb", type=int, default=DEFAULT_BUDGET_MB)
+    parser.add_argument("--out", default=None, help="also write the figures to OUT/memory.json")
     parser.add_argument("--case", nargs=3, type=int, metavar=("WIDTH", "HEIGHT", "BUDGET_MB"))
     args = parser.parse_args()
     if args.case:
         print(json.dumps(measure_case(*args.case)))
         return
-    rows = []
+    cases = []
     for width, height in SIZES["quick" if args.quick else "full"]:
         chunked = run_case(width, height, args.budget_mb)
         naive = run_case(width, height, NAIVE_BUDGET_MB)
-        rows.append(_row(width, height, chunked, naive, args.budget_mb))
+        cases.append({"width": width, "height": height, "chunked": chunked, "naive": naive})
     print(_common.machine_line())
     print("A_CT inference (forward heads=all + CAM propagation), small backbone, CPU, one image")
     _common.print_table(
@@ -54,8 +56,11 @@ def main() -> None:
             "chunked s",
             "naive s",
         ],
-        rows,
+        [_row(case) for case in cases],
     )
+    if args.out:
+        settings = {"budget_mb": args.budget_mb, "naive_budget_mb": NAIVE_BUDGET_MB}
+        _common.write_results(args.out, "memory", settings=settings, cases=cases)
 
 
 def run_case(width: int, height: int, budget_mb: int) -> dict:
@@ -108,9 +113,10 @@ def _proc_status_mib(field: str) -> float:
     raise RuntimeError(f"/proc/self/status has no {field} line")
 
 
-def _row(width: int, height: int, chunked: dict, naive: dict, budget_mb: int) -> list:
+def _row(case: dict) -> list:
+    chunked, naive = case["chunked"], case["naive"]
     return [
-        f"{width}x{height}",
+        f"{case['width']}x{case['height']}",
         chunked["positions"],
         chunked["peak_mib"],
         chunked["chunk_rows"],

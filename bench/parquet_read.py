@@ -4,11 +4,12 @@ Ray 2.60 reads Parquet through its DataSourceV2 path by default, which lists fil
 footer-reading actors (32 unless RAY_DATA_PARQUET_FOOTER_NUM_ACTORS says otherwise) started for every
 read. `raysseg.distributed.storage.read_parquet` uses the V1 reader instead. Both sides read the same
 one-file manifest (as a label update does: read, then iterate every row) in one Ray session, alternating,
-after an untimed read of each; the median of `--repeats` reads is printed.
+after an untimed read of each; the median of `--repeats` reads is printed, and every read's time is
+written to OUT/parquet_read.json.
 
     python bench/parquet_read.py --quick       # 64 rows, 3 reads each, on ray.init(num_cpus=2)
     python bench/parquet_read.py               # 10,000 rows, 7 reads each
-    python bench/parquet_read.py --pin 1       # the same, pinned to one core (a busy worker node)
+    python bench/parquet_read.py --pin 1 --out runs/bench_parquet_read_pin1   # pinned to one core
 """
 
 from __future__ import annotations
@@ -45,6 +46,10 @@ def main() -> None:
     _common.print_table(["reader", "median s", "min s", "max s"], rows)
     ratio = statistics.median(seconds[1][1]) / statistics.median(seconds[0][1])
     print(f"Ray 2.60 default / raysseg read_parquet: {ratio:.1f}x the time per read")
+    settings = {**settings, "pin": args.pin, "cores": len(os.sched_getaffinity(0))}
+    # Keyed by reader version, the names the report's columns use.
+    reads = {"v1": seconds[0][1], "v2": seconds[1][1]}
+    _common.write_results(args.out, "parquet_read", settings=settings, seconds=reads)
 
 
 def _records(count: int) -> list[Record]:
@@ -66,7 +71,8 @@ def measure(manifest: str, repeats: int) -> list[tuple[str, list[float]]]:
     readers = [("raysseg read_parquet (V1)", read_parquet), ("Ray default (V2)", default_reader)]
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     cpus = max(2, len(os.sched_getaffinity(0)))
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    # address="local": a new instance even when another Ray runs on this machine.
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False
         times: dict[str, list[float]] = {name: [] for name, _ in readers}

@@ -8,6 +8,7 @@ update pinned to one core these processes share that core with the work: their s
 
     python bench/ray_idle.py --quick        # 2 s window
     python bench/ray_idle.py                # 20 s window, 1 core
+    python bench/ray_idle.py --out runs/bench_ray_idle     # the same, figures also in ray_idle.json
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ def main() -> None:
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     import ray
 
-    ray.init(num_cpus=2 * len(cores), include_dashboard=False, log_to_driver=False)
+    # address="local": the processes measured are this instance's, never another Ray's.
+    ray.init(address="local", num_cpus=2 * len(cores), include_dashboard=False, log_to_driver=False)
     try:
         _run_a_pipeline()
         time.sleep(args.settle)
@@ -40,7 +42,10 @@ def main() -> None:
         after = cpu_seconds_by_process(os.getpid())
     finally:
         ray.shutdown()
-    _report(before, after, seconds, len(cores))
+    processes = _report(before, after, seconds, len(cores))
+    if args.out:
+        settings = {"cores": len(cores), "seconds": seconds}
+        _common.write_results(args.out, "ray_idle", settings=settings, processes=processes)
 
 
 def _run_a_pipeline() -> None:
@@ -98,7 +103,8 @@ def _kind(pid: int, root: int) -> str:
     return command.split()[0] if command.startswith("ray::") else command[:40]
 
 
-def _report(before: dict, after: dict, seconds: float, cores: int) -> None:
+def _report(before: dict, after: dict, seconds: float, cores: int) -> list[dict]:
+    """Print CPU seconds per kind of process; return them, busiest first, as ray_idle.json holds them."""
     totals: dict[str, list[float]] = {}
     for pid, (kind, cpu) in after.items():
         used = cpu - before.get(pid, (kind, cpu))[1]  # a process born in the window: not counted
@@ -118,6 +124,7 @@ def _report(before: dict, after: dict, seconds: float, cores: int) -> None:
         f"all Ray processes and the driver: {processes} processes, {used:.2f} cpu s = "
         f"{100.0 * used / seconds:.1f} % of a core while idle"
     )
+    return [{"kind": kind, "count": count, "cpu_s": cpu} for kind, count, cpu, _ in rows]
 
 
 def _parse_args() -> argparse.Namespace:
@@ -126,6 +133,7 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, default=20.0, help="idle window")
     parser.add_argument("--settle", type=float, default=3.0, help="wait before the window")
     parser.add_argument("--cores", type=int, default=1, help="cores Ray is pinned to")
+    parser.add_argument("--out", default=None, help="also write the figures to OUT/ray_idle.json")
     return parser.parse_args()
 
 

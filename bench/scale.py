@@ -6,6 +6,7 @@ prior cached per image, saliency CRF, fusion, two PNG writes) with a freshly ini
 Printed per N: images/s, the driver's peak RSS during the update (sampled) and over its whole life,
 the workers' peak RSS (reported by the inference actors and CRF tasks), and the fullest shard folder.
 Each N runs in its own driver process, so one N's memory never shows in another's figures.
+The figures of every N are written to OUT/scale.json (OUT: --out).
 
 `--resume-at F` interrupts the update (SIGINT, like Ctrl-C) once a fraction F of the images is done,
 then reruns the same update and reports how many labels the rerun wrote and how many it skipped.
@@ -74,7 +75,7 @@ def main() -> None:
                 f"images; the rerun wrote {resume['written']:,} new labels and skipped "
                 f"{resume['skipped']:,}"
             )
-    (out / "scale.json").write_text(json.dumps(results, indent=2))
+    _common.write_results(out, "scale", results=results)
 
 
 def _measure(out: Path, n: int, resume_at: float) -> dict[str, Any]:

@@ -10,6 +10,8 @@ OMP_NUM_THREADS from its 1 CPU) and the plain loop as many threads as there are 
 
     python bench/training.py --quick        # tiny sizes, about a minute
     python bench/training.py                # 64 images of 96x96, 3 epochs, a few minutes on 2 cores
+    python bench/training.py --workers 1 --no-pin --out runs/bench_training_no_pin
+Each run writes its figures to OUT/training.json (OUT: --out, default runs/bench_training).
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ def main() -> None:
     out = Path(args.out).resolve()
     config, manifest = _prepare(out, settings)
     cores = sorted(os.sched_getaffinity(0))
-    rows = []
+    cases: list[dict] = []
     for workers in args.workers:
         if workers > len(cores):
             print(f"skipping {workers} workers: only {len(cores)} cores usable", file=sys.stderr)
@@ -59,7 +61,7 @@ def main() -> None:
         pinned = set(cores) if args.no_pin else set(cores[:workers])
         plain = run_plain(config, manifest, settings["epochs"], pinned, workers)
         distributed = run_ray_train(config, manifest, settings["epochs"], out, workers, pinned)
-        rows.append(_row(workers, plain, distributed))
+        cases.append(_case(workers, len(pinned), plain, distributed))
     print(_common.machine_line())
     print(
         f"training, mode full: {settings['images']} images of {settings['size']}x{settings['size']}, "
@@ -74,8 +76,10 @@ def main() -> None:
             "ray / plain",
             "ray end-to-end images/s",
         ],
-        rows,
+        [_row(case) for case in cases],
     )
+    settings["pinned"] = not args.no_pin
+    _common.write_results(out, "training", settings=settings, cases=cases)
 
 
 def _prepare(out: Path, settings: dict) -> tuple[Config, str]:
@@ -164,7 +168,10 @@ def run_ray_train(
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     try:
         # Logical CPUs above the workers' own: Train's controller must fit too (RAY_NOTES).
-        ray.init(num_cpus=2 * workers + 1, include_dashboard=False, log_to_driver=False)
+        # address="local": a new instance on the pinned cores even when another Ray runs here.
+        ray.init(
+            address="local", num_cpus=2 * workers + 1, include_dashboard=False, log_to_driver=False
+        )
         result, seconds = _common.timed(
             lambda: train_stage(config, _spec(manifest, epochs, storage), max_failures=0)
         )
@@ -176,13 +183,23 @@ def run_ray_train(
     return {"images_per_s": metrics["images_per_s"], "end_to_end": images / seconds}
 
 
-def _row(workers: int, plain: dict, distributed: dict) -> list:
+def _case(workers: int, cores: int, plain: dict, distributed: dict) -> dict:
+    return {
+        "workers": workers,
+        "cores": cores,
+        "plain_images_per_s": plain["images_per_s"],
+        "ray_images_per_s": distributed["images_per_s"],
+        "ray_end_to_end_images_per_s": distributed["end_to_end"],
+    }
+
+
+def _row(case: dict) -> list:
     return [
-        workers,
-        plain["images_per_s"],
-        distributed["images_per_s"],
-        distributed["images_per_s"] / plain["images_per_s"],
-        distributed["end_to_end"],
+        f"{case['workers']}({case['cores']})",
+        case["plain_images_per_s"],
+        case["ray_images_per_s"],
+        case["ray_images_per_s"] / case["plain_images_per_s"],
+        case["ray_end_to_end_images_per_s"],
     ]
 
 

@@ -1,7 +1,12 @@
-"""Every bench script runs end to end in --quick mode and prints its figures (no timed assertions)."""
+"""Every bench script runs end to end in --quick mode and prints its figures (no timed assertions).
+
+Where a bench is given `--out`, the JSON it writes must carry its name and run facts, and
+bench/report.py must render it: BENCHMARKS.md's tables come from that JSON.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -12,6 +17,7 @@ from pathlib import Path
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
+FACTS = {"command", "commit", "date", "machine", "torch"}
 
 
 def _run(script: str, *args: str, timeout: int = 240) -> str:
@@ -28,15 +34,27 @@ def _run(script: str, *args: str, timeout: int = 240) -> str:
     return completed.stdout
 
 
-def test_crf_bench_prints_overhead_and_cost_per_megapixel() -> None:
-    out = _run("crf.py")
+def _check_results(folder: Path, bench: str) -> None:
+    """OUT/<bench>.json names its bench, says where and when it ran, and renders to a table."""
+    results = json.loads((folder / f"{bench}.json").read_text())
+    assert results["bench"] == bench and set(results["facts"]) >= FACTS, results.get("facts")
+    spec = importlib.util.spec_from_file_location("bench_report", BENCH / "report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    assert "|---|" in report.RENDERERS[bench]([results])
+
+
+def test_crf_bench_prints_overhead_and_cost_per_megapixel(tmp_path) -> None:
+    out = _run("crf.py", "--out", str(tmp_path))
     assert "overhead %" in out and "raysseg s/MP" in out
     assert "saliency, 2 labels / 1 iter" in out and "inference, 3 labels / 10 iter" in out
+    _check_results(tmp_path, "crf")
 
 
-def test_memory_bench_prints_chunked_and_naive_peaks() -> None:
-    out = _run("memory.py")
+def test_memory_bench_prints_chunked_and_naive_peaks(tmp_path) -> None:
+    out = _run("memory.py", "--out", str(tmp_path))
     assert "naive peak MiB" in out and "128x96" in out and "160x120" in out
+    _check_results(tmp_path, "memory")
 
 
 @pytest.mark.ray
@@ -46,8 +64,16 @@ def test_label_update_bench_and_coco_projection(tmp_path) -> None:
     out = _run("label_update.py", "--out", str(tmp_path), "--workers", "1", timeout=300)
     assert "serial images/s" in out and "ray steady images/s" in out
     assert "ray with 1 worker(s), crf_placement auto / serial loop on 1 core" in out
-    projection = _run("coco_projection.py", "--from-json", str(tmp_path / "label_update.json"))
+    _check_results(tmp_path, "label_update")
+    projection = _run(
+        "coco_projection.py",
+        "--from-json",
+        str(tmp_path / "label_update.json"),
+        "--out",
+        str(tmp_path),
+    )
     assert "core-h / update" in projection and "not measured" in projection
+    _check_results(tmp_path, "coco_projection")
 
 
 @pytest.mark.ray
@@ -55,6 +81,7 @@ def test_label_update_bench_and_coco_projection(tmp_path) -> None:
 def test_training_bench_prints_images_per_second(tmp_path) -> None:
     out = _run("training.py", "--out", str(tmp_path), "--workers", "1", timeout=300)
     assert "plain torch images/s" in out and "ray train images/s" in out
+    _check_results(tmp_path, "training")
 
 
 @pytest.mark.ray
@@ -63,14 +90,16 @@ def test_parquet_read_bench_prints_both_readers(tmp_path) -> None:
     out = _run("parquet_read.py", "--out", str(tmp_path), timeout=240)
     assert "raysseg read_parquet (V1)" in out and "Ray default (V2)" in out
     assert "the time per read" in out
+    _check_results(tmp_path, "parquet_read")
 
 
 @pytest.mark.ray
 @pytest.mark.timeout(300)
-def test_ray_idle_bench_prints_each_ray_process_and_the_total() -> None:
-    out = _run("ray_idle.py", timeout=240)
+def test_ray_idle_bench_prints_each_ray_process_and_the_total(tmp_path) -> None:
+    out = _run("ray_idle.py", "--out", str(tmp_path), timeout=240)
     assert "% of a core" in out and "raylet" in out and "gcs_server" in out
     assert "all Ray processes and the driver:" in out
+    _check_results(tmp_path, "ray_idle")
 
 
 @pytest.mark.ray

@@ -43,7 +43,7 @@ def scale_run(tmp_path_factory) -> tuple[Path, str, list[dict]]:
         cwd=BENCH.parent,
     )
     assert completed.returncode == 0, completed.stderr[-4000:]
-    return out, completed.stdout, json.loads((out / "scale.json").read_text())
+    return out, completed.stdout, json.loads((out / "scale.json").read_text())["results"]
 
 
 def test_driver_memory_stays_flat_and_shard_folders_stay_small(scale_run) -> None:
