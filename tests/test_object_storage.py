@@ -74,11 +74,16 @@ def s3_bucket():
 
 
 @pytest.fixture(scope="module")
-def ray_with_s3(s3_bucket, tmp_path_factory):
+def ray_with_s3(s3_bucket, own_ray_temp_dir):
     # A Ray of its own, not conftest's local_ray: it must start after the AWS_* variables are set,
     # since Ray workers inherit the environment the driver had when Ray started.
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    ray.init(num_cpus=4, include_dashboard=False, _temp_dir=str(tmp_path_factory.mktemp("ray")))
+    ray.init(
+        address="local",
+        num_cpus=4,
+        include_dashboard=False,
+        _temp_dir=str(own_ray_temp_dir),
+    )
     yield s3_bucket
     ray.shutdown()
 

@@ -108,7 +108,7 @@ def _killable(campaign: Path) -> bool:
 
 
 @pytest.fixture(scope="module")
-def campaign(tiny_data_factory, tmp_path_factory) -> dict:
+def campaign(tiny_data_factory, tmp_path_factory, own_ray_temp_dir) -> dict:
     """`raysseg tune` of 4 trials (2 at a time), SIGKILLed once ASHA stopped a trial and 2 trials
     are finished while another runs; then the same command rerun to the end.
 
@@ -121,13 +121,11 @@ def campaign(tiny_data_factory, tmp_path_factory) -> dict:
     campaign_dir = root / "campaign"
     space = root / "space.yaml"
     space.write_text(yaml.safe_dump(SPACE))
-    # Ray's socket paths under RAY_TMPDIR must stay within 107 bytes.
-    ray_tmp = Path(tmp_path_factory.mktemp("ray"))
     env = {
         **os.environ,
         "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
         "RAY_USAGE_STATS_ENABLED": "0",
-        "RAY_TMPDIR": str(ray_tmp),
+        "RAY_TMPDIR": str(own_ray_temp_dir),
     }
     command = _tune_command(data, campaign_dir, space)
     first_log = root / "first.log"
