@@ -18,7 +18,7 @@ from raysseg.data.composite import generate_composites
 from raysseg.distributed.pipeline import run_pipeline
 from raysseg.distributed.session import ray_session
 
-# Sizes chosen so the whole demo stays within about 10 minutes on 2 CPU cores (see README).
+# Sizes chosen so the whole demo stays within about 11 minutes on 2 CPU cores (see README).
 DEMO_SETTINGS = {
     "full": {
         "n_train": 240,
@@ -61,8 +61,8 @@ def demo_config(out_dir: str, quick: bool = False, extra: dict[str, Any] | None 
         "optim.epochs": settings["epochs"],
         "stages.count": settings["stages"],
         "labels.cam_scales": [1.0, 0.75, 1.25],
-        # The label update keeps the CAMs M instead of A_CT . M: after 9 CPU epochs A_CT is still
-        # diffuse, and propagating through it lowers the labels (BENCHMARKS.md, real pixels).
+        # The label update keeps the CAMs M instead of A_CT . M: after 16 CPU epochs A_CT is still
+        # diffuse, and propagating through it leaves the labels flat (BENCHMARKS.md, real pixels).
         "labels.propagate_cams": False,
         "eval.scales": [0.75, 1.0, 1.25],
         "resources.num_workers": 1,
