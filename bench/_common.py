@@ -6,11 +6,13 @@ Bench scripts run as `python bench/<name>.py`, so this folder is on sys.path and
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
+import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +117,13 @@ def write_results(out: str | Path, bench: str, **figures: Any) -> Path:
     path.write_text(json.dumps(record, indent=2, default=float))
     print(f"figures written to {path}")
     return path
+
+
+def finite_median(values: Iterable[float]) -> float:
+    """Median of the finite values; NaN when none is (a tiny quick-mode run can leave a steady
+    rate undefined)."""
+    finite = [value for value in values if math.isfinite(value)]
+    return statistics.median(finite) if finite else math.nan
 
 
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:

@@ -27,10 +27,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import os
 import shutil
-import statistics
 import sys
 from collections.abc import Callable
 from functools import partial
@@ -406,7 +404,9 @@ def _case_medians(medians: dict, rounds: list[dict]) -> list[dict[str, Any]]:
         for name, result in results.items():
             if name in NOT_RAY:
                 continue
-            serial = _median([r[group][name]["serial"]["images_per_s"] for r in rounds])
+            serial = _common.finite_median(
+                [r[group][name]["serial"]["images_per_s"] for r in rounds]
+            )
             case = {"group": group, "crf_placement": name, "serial_images_per_s": serial}
             cases.append({**case, **result})
     return cases
@@ -448,7 +448,7 @@ def _print_ratios(medians: dict, ratios: dict, rounds: list[dict]) -> None:
 
 def _median_line(ratios: list[float]) -> str:
     """'1.890x (rounds 1.967 / 1.890 / 1.867)': the median ratio, then each round's."""
-    median = f"{_median(ratios):.3f}x"
+    median = f"{_common.finite_median(ratios):.3f}x"
     if len(ratios) == 1:
         return median
     return f"{median} (rounds {' / '.join(f'{v:.3f}' for v in ratios)})"
@@ -470,13 +470,7 @@ def _median_results(rounds: list[dict]) -> dict[str, dict[str, dict[str, float]]
 
 
 def _medians(results: list[dict[str, float]]) -> dict[str, float]:
-    return {key: _median([result[key] for result in results]) for key in results[0]}
-
-
-def _median(values: list[float]) -> float:
-    """Median of the finite values (a tiny quick-mode run can leave the steady rate undefined)."""
-    finite = [value for value in values if math.isfinite(value)]
-    return statistics.median(finite) if finite else float("nan")
+    return {key: _common.finite_median([result[key] for result in results]) for key in results[0]}
 
 
 def _ratios(rounds: list[dict]) -> dict[str, dict[str, dict[str, list[float]]]]:

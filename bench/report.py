@@ -14,10 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
+
+from _common import finite_median
 
 from raysseg.engine.metrics import as_percent
 
@@ -104,12 +105,6 @@ def _number(value: float | None, digits: int = 3, suffix: str = "") -> str:
 
 def _count(number: int, noun: str) -> str:
     return f"{number:,} {noun}" + ("" if number == 1 else "s")
-
-
-def _median(values: Iterable[float]) -> float:
-    """Median of the finite values: a tiny quick-mode run can leave a steady rate undefined."""
-    finite = [value for value in values if math.isfinite(value)]
-    return statistics.median(finite) if finite else math.nan
 
 
 # ----------------------------------------------------------------------------------------------
@@ -266,7 +261,7 @@ def _ratio_cells(ratios: list[float], goal: float | None) -> list[str]:
     """Each round's ratio and their median, bold where the median meets the goal."""
     if not ratios:
         return ["", ""]  # the independent processes have no steady-state timing
-    median = _median(ratios)
+    median = finite_median(ratios)
     cell = _number(median, suffix="x")
     met = goal is not None and math.isfinite(median) and median >= goal
     return [" / ".join(_number(value) for value in ratios), f"**{cell}**" if met else cell]
@@ -341,7 +336,7 @@ def parquet_read_section(runs: Sequence[Results]) -> str:
 
 def _read_rows(run: Results) -> list[list[str]]:
     settings = run["settings"]
-    v1, v2 = (_median(run["seconds"][reader]) for reader in ("v1", "v2"))
+    v1, v2 = (finite_median(run["seconds"][reader]) for reader in ("v1", "v2"))
     cores = f"{settings['cores']} (pinned)" if settings["pin"] else str(settings["cores"])
     return [[cores, _number(v1), _number(v2), _number(v2 / v1, 1, "x")]]
 

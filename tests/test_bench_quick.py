@@ -38,6 +38,8 @@ def _check_results(folder: Path, bench: str) -> None:
     """OUT/<bench>.json names its bench, says where and when it ran, and renders to a table."""
     results = json.loads((folder / f"{bench}.json").read_text())
     assert results["bench"] == bench and set(results["facts"]) >= FACTS, results.get("facts")
+    if str(BENCH) not in sys.path:  # report.py imports the benches' _common
+        sys.path.insert(0, str(BENCH))
     spec = importlib.util.spec_from_file_location("bench_report", BENCH / "report.py")
     report = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(report)

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
+# report.py imports the benches' _common, as it does when run as `python bench/report.py`.
+sys.path.insert(0, str(BENCH))
 _spec = importlib.util.spec_from_file_location("bench_report", BENCH / "report.py")
 report = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(report)
