@@ -21,6 +21,7 @@ one script it runs, with one command and one JSON; each step is a function of it
 
     python bench/gpu_check.py --out runs/gpu_check                            # one GPU, ~5 minutes
     python bench/gpu_check.py --device cpu --quick --out runs/gpu_check_cpu   # CPU smoke, 2-3 min
+    python bench/gpu_check.py --backbones resnet50 --out runs/gpu_check_r50   # one pipeline only
 """
 
 from __future__ import annotations
@@ -144,6 +145,7 @@ class Run:
     settings: dict[str, Any]
     out: Path
     data_root: Path
+    backbones: tuple[str, ...] = BACKBONES  # the pipeline steps', in order
 
 
 # ----------------------------------------------------------------------------------------------
@@ -168,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     data_root = out / f"data_{settings['n_train']}_{settings['size']}"
     if args.saliency:
         settings["saliency"] = args.saliency
-    run = Run(device, settings, out, data_root)
+    run = Run(device, settings, out, data_root, tuple(args.backbones))
     results = initial_results(run, argv if argv is not None else sys.argv)
     json_path = out / "gpu_check.json"
     started = time.perf_counter()
@@ -184,6 +186,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (CPU smoke, CI)")
     parser.add_argument("--out", default="runs/gpu_check")
+    parser.add_argument(
+        "--backbones",
+        nargs="+",
+        choices=BACKBONES,
+        default=list(BACKBONES),
+        help="the backbones of the pipeline steps (default: all); the later steps use the first",
+    )
     parser.add_argument(
         "--saliency",
         choices=("u2netp", "spectral"),
@@ -220,7 +229,7 @@ def run_all_steps(run: Run, results: dict[str, Any], json_path: Path) -> None:
     configs: dict[str, Config] = {}
     # More logical CPUs than cores (at least 4): Ray Data reads never starve behind actor pools.
     with ray_session(num_cpus=max(4, os.cpu_count() or 1)):
-        for backbone in BACKBONES:
+        for backbone in run.backbones:
             outcome = step(f"pipeline_{backbone}", lambda b=backbone: run_one_pipeline(run, b))
             if outcome is not None:
                 configs[backbone] = outcome.pop("_config")
@@ -399,9 +408,8 @@ def _require_data(run: Run) -> None:
 
 def trained(configs: dict[str, Config]) -> Config:
     """The config of the first pipeline that finished (its final checkpoint serves later steps)."""
-    for backbone in BACKBONES:
-        if backbone in configs:
-            return configs[backbone]
+    if configs:
+        return next(iter(configs.values()))  # insertion order: the order the pipelines ran
     raise RuntimeError("needs a checkpoint of a pipeline step, and every pipeline step failed")
 
 

@@ -157,6 +157,7 @@ def run_ray_train(
     """train_stage on a local Ray pinned to `cores`: `workers` DDP workers of one CPU each."""
     import ray
 
+    from raysseg.distributed.session import local_init_kwargs
     from raysseg.distributed.train import train_stage
 
     resources = dataclasses.replace(config.resources, num_workers=workers, cpus_per_worker=1.0)
@@ -169,9 +170,7 @@ def run_ray_train(
     try:
         # Logical CPUs above the workers' own: Train's controller must fit too (RAY_NOTES).
         # address="local": a new instance on the pinned cores even when another Ray runs here.
-        ray.init(
-            address="local", num_cpus=2 * workers + 1, include_dashboard=False, log_to_driver=False
-        )
+        ray.init(**local_init_kwargs(2 * workers + 1, include_dashboard=False), log_to_driver=False)
         result, seconds = _common.timed(
             lambda: train_stage(config, _spec(manifest, epochs, storage), max_failures=0)
         )

@@ -24,6 +24,14 @@ from typing import Any
 import numpy as np
 import pytest
 
+from raysseg.distributed.session import local_init_kwargs
+
+# Ray Train's controller checks its workers every 2 s by default, so every stage ends up to 4 s
+# after its last report; the suite runs dozens of stages. No test preempts a node, so the watcher
+# actor each stage starts is not needed. Set here, these reach every Ray and driver the tests start.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+
 # Logical CPUs of the local Ray: more than the machine's 2 cores, so Ray Data's read tasks never
 # starve behind actor pools that hold every CPU (RAY_NOTES).
 LOCAL_RAY_CPUS = 4
@@ -146,9 +154,7 @@ class _RayConnection:
             self.temp_dir = Path(tempfile.mkdtemp(prefix="rsl", dir="/tmp"))
             self.roots.append(self.temp_dir)
             ray.init(
-                address="local",
-                num_cpus=LOCAL_RAY_CPUS,
-                include_dashboard=False,
+                **local_init_kwargs(LOCAL_RAY_CPUS, include_dashboard=False),
                 _temp_dir=str(self.temp_dir),
             )
             self.kind = "local"
@@ -182,7 +188,8 @@ def start_simulated_cluster() -> SimulatedCluster:
             cluster.add_node(num_cpus=2, resources={"crf_node": 1}),
         ]
         cluster.wait_for_nodes()
-        ray.init(address=cluster.address)
+        # Ray Train's cleaner must not ask another instance's state API (session.py says why).
+        ray.init(address=cluster.address, runtime_env=local_init_kwargs(None, False)["runtime_env"])
     except BaseException:
         cluster.shutdown()  # a node that failed to start leaves no processes behind
         raise

@@ -31,6 +31,7 @@ from raysseg.data.records import Record
 from raysseg.data.synth import generate_synthetic
 from raysseg.distributed.pipeline import run_pipeline
 from raysseg.distributed.refine import update_labels
+from raysseg.distributed.session import local_init_kwargs
 from raysseg.distributed.train import StageSpec, train_stage
 from raysseg.engine.checkpoint import load_checkpoint, save_checkpoint
 from raysseg.model.network import build_model
@@ -78,12 +79,7 @@ def ray_with_s3(s3_bucket, own_ray_temp_dir):
     # A Ray of its own, not conftest's local_ray: it must start after the AWS_* variables are set,
     # since Ray workers inherit the environment the driver had when Ray started.
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    ray.init(
-        address="local",
-        num_cpus=4,
-        include_dashboard=False,
-        _temp_dir=str(own_ray_temp_dir),
-    )
+    ray.init(**local_init_kwargs(4, include_dashboard=False), _temp_dir=str(own_ray_temp_dir))
     yield s3_bucket
     ray.shutdown()
 

@@ -1,7 +1,8 @@
-"""The Ray shell on the local CPU Ray (conftest): a training stage, the label update, evaluation,
-run-directory checks. The data is conftest's tiny_data: 16 train and 4 val images of 48 px.
+"""The Ray shell on the local CPU Ray (conftest): the label update, evaluation, run-directory
+checks. The data is conftest's tiny_data: 16 train and 4 val images of 48 px.
 
-The pipeline end to end (and resumed) runs in test_ray_sources.py, on its COCO dataset.
+A 2-worker training stage (it learns; a killed worker resumes) is in test_faults.py; the pipeline
+end to end (and resumed) in test_ray_sources.py, on its COCO dataset.
 """
 
 from __future__ import annotations
@@ -18,8 +19,6 @@ from raysseg.data.manifest import read_manifest, write_manifest
 from raysseg.data.sources import voc_records
 from raysseg.data.synth import generate_synthetic
 from raysseg.distributed.refine import update_labels, update_stage_labels
-from raysseg.distributed.train import StageSpec, train_stage
-from raysseg.engine.checkpoint import load_checkpoint
 from raysseg.rundir import layout
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
@@ -29,49 +28,6 @@ def _train_manifest(config, data_root: Path) -> str:
     path = layout.dataset_manifest(config.run_dir, "train")
     write_manifest(voc_records(str(data_root), "train"), path)
     return path
-
-
-def test_two_worker_training_stage_learns_and_resumes(local_ray, tiny_data, tmp_path) -> None:
-    config = tiny_config(
-        tiny_data,
-        tmp_path / "run",
-        "resources.num_workers=2",
-        "optim.lr=0.05",
-        "data.color_jitter=0",
-        "data.scale_min=1.0",
-        "data.scale_max=1.0",
-    )
-    manifest = _train_manifest(config, tiny_data)
-    spec = StageSpec(
-        name="warmup",
-        mode="warmup",
-        train_manifest=manifest,
-        val_manifest="",
-        init_checkpoint="",
-        epochs=6,
-        storage_path=str(tmp_path / "run" / "warmup" / "train"),
-    )
-    result = train_stage(config, spec)
-    checkpoint = load_checkpoint(result["checkpoint"])
-    assert checkpoint["epoch"] == 6
-    history = _reported_losses(tmp_path / "run" / "warmup" / "train")
-    assert len(history) == 6
-    assert sum(history[-2:]) < sum(history[:2]), history
-
-    # Rerunning the same stage with more epochs resumes from epoch 6 instead of starting over.
-    longer = StageSpec(**{**spec.__dict__, "epochs": 7})
-    resumed = train_stage(config, longer)
-    assert load_checkpoint(resumed["checkpoint"])["epoch"] == 7
-    assert len(_reported_losses(tmp_path / "run" / "warmup" / "train")) == 7
-
-
-def _reported_losses(storage: Path) -> list[float]:
-    """The 'total' loss of every epoch, from the metrics saved beside each checkpoint."""
-    losses = []
-    for folder in sorted(p for p in storage.rglob("checkpoint_*") if p.is_dir()):
-        state = load_checkpoint(str(folder / "checkpoint.pt"))
-        losses.append((state["epoch"], state["extra"].get("total")))
-    return [loss for _, loss in sorted(losses)]
 
 
 def test_label_update_writes_one_label_per_image_then_nothing(local_ray, tiny_data, tmp_path):

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 from collections.abc import Iterator
 
 import ray
+
+# A port nothing listens on (TCP port 1, tcpmux, is never served on the machines Ray runs on).
+NO_API_SERVER_PORT = 1
 
 
 @contextlib.contextmanager
@@ -24,10 +28,40 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
     if not joining:
         # A new local instance, even when another Ray runs on this machine (address=None would
         # join that one). Its dashboard stays on: Ray Train's placement-group cleaner polls the
-        # state API it serves, and warns every few seconds without it.
-        kwargs.update(address="local", num_cpus=num_cpus)
+        # state API it serves.
+        kwargs.update(local_init_kwargs(num_cpus, include_dashboard=True))
     ray.init(**kwargs)
     try:
         yield
     finally:
         ray.shutdown()
+
+
+def local_init_kwargs(num_cpus: int | None, include_dashboard: bool) -> dict:
+    """`ray.init` keywords for a new local instance whose jobs ask only its own state API.
+
+    Why: each Ray Train stage starts a placement-group cleaner that polls the state API to see
+    whether the stage's controller is alive, and finds the API by address discovery. With a second
+    Ray on the machine (a `ray start` cluster, another local run, parallel tests) it may ask the
+    other instance, not find the controller there, and remove the running stage's placement
+    group: the stage's workers die mid-epoch. Naming the API server in the job's environment
+    stops that. Without a dashboard the name is a closed port: the cleaner's queries then fail and
+    it keeps the placement group (ray.shutdown removes it anyway).
+    """
+    port = free_local_port() if include_dashboard else NO_API_SERVER_PORT
+    kwargs: dict = {
+        "address": "local",
+        "num_cpus": num_cpus,
+        "include_dashboard": include_dashboard,
+        "runtime_env": {"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
+    }
+    if include_dashboard:
+        kwargs["dashboard_port"] = port
+    return kwargs
+
+
+def free_local_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
