@@ -81,7 +81,7 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
     from raysseg.distributed.pipeline import run_pipeline
     from raysseg.distributed.session import ray_session
 
-    with ray_session(address=args.address, num_cpus=args.num_cpus):
+    with ray_session(address=args.address, num_cpus=args.num_cpus, verbose=args.verbose):
         run_pipeline(config, full_supervision=args.full_supervision)
     return 0
 
@@ -92,7 +92,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from raysseg.distributed.session import ray_session
     from raysseg.rundir.steps import train_step
 
-    with ray_session(address=args.address, num_cpus=args.num_cpus):
+    with ray_session(address=args.address, num_cpus=args.num_cpus, verbose=args.verbose):
         run_single_step(config, train_step(args.stage))
     return 0
 
@@ -103,7 +103,7 @@ def _cmd_refine(args: argparse.Namespace) -> int:
     from raysseg.distributed.session import ray_session
     from raysseg.rundir.steps import refine_step
 
-    with ray_session(address=args.address, num_cpus=args.num_cpus):
+    with ray_session(address=args.address, num_cpus=args.num_cpus, verbose=args.verbose):
         run_single_step(config, refine_step(args.stage))
     return 0
 
@@ -119,7 +119,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     from raysseg.distributed.session import ray_session
     from raysseg.distributed.tune import run_campaign
 
-    with ray_session(address=args.address, num_cpus=args.num_cpus):
+    with ray_session(address=args.address, num_cpus=args.num_cpus, verbose=args.verbose):
         run_campaign(config, space, trials=args.trials)
     return 0
 
@@ -129,7 +129,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from raysseg.distributed.evaluate import evaluate_checkpoint
     from raysseg.distributed.session import ray_session
 
-    with ray_session(address=args.address, num_cpus=args.num_cpus):
+    with ray_session(address=args.address, num_cpus=args.num_cpus, verbose=args.verbose):
         result = evaluate_checkpoint(
             config, args.checkpoint, multiscale=not args.single_scale, crf=not args.no_crf
         )
@@ -139,18 +139,38 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from raysseg.predict import predict_paths
+    from raysseg.predict import IN_PROCESS_MAX_IMAGES, plan_items, predict_local
 
-    config = _load(args)
-    written = predict_paths(config, args.checkpoint, args.inputs, args.out, crf=not args.no_crf)
-    print(f"wrote {written} predictions to {args.out}")
-    return 0
+    config = _load(args)  # no data.root: predict reads only its inputs
+    items = plan_items(args.inputs, args.out)  # missing inputs and name clashes fail here
+    crf = config.eval.crf and not args.no_crf
+    ray_module = sys.modules.get("ray")  # looked up, not imported: a small run never loads Ray
+    joining = (
+        args.address is not None
+        or "RAY_ADDRESS" in os.environ
+        or (ray_module is not None and ray_module.is_initialized())
+    )
+    if len(items) <= IN_PROCESS_MAX_IMAGES and not joining:
+        summary = predict_local(config, args.checkpoint, items, args.out, crf)
+    else:
+        from raysseg.distributed.predict_job import predict_dataset
+        from raysseg.distributed.session import ray_session
+
+        with ray_session(address=args.address, num_cpus=args.num_cpus, verbose=args.verbose):
+            summary = predict_dataset(config, args.checkpoint, items, args.out, crf)
+    shown = 20  # error lines printed; each names its file
+    for error in summary.errors[:shown]:
+        print(f"raysseg predict: {error}", file=sys.stderr)
+    if len(summary.errors) > shown:
+        print(f"raysseg predict: ... and {len(summary.errors) - shown} more", file=sys.stderr)
+    print(summary.line(args.out))
+    return 1 if summary.errors else 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from raysseg.distributed.demo import run_demo
 
-    run_demo(out_dir=args.out, quick=args.quick, num_cpus=args.num_cpus)
+    run_demo(out_dir=args.out, quick=args.quick, num_cpus=args.num_cpus, verbose=args.verbose)
     return 0
 
 
@@ -205,6 +225,11 @@ def _add_dataset_arguments(parser: argparse.ArgumentParser, n: int, n_val: int, 
 def _add_ray_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", default=None, help="Ray address (default: auto / local)")
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of a new local Ray")
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also print Ray's own output (workers, Ray Data's progress dumps) on the console",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -267,11 +292,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--no-crf", action="store_true")
     evaluate.set_defaults(run=_cmd_evaluate)
 
-    predict = commands.add_parser("predict", help="images or a folder -> palette PNGs + overlays")
+    predict = commands.add_parser(
+        "predict", help="images, folders or URI prefixes -> palette PNGs + overlays (Ray Data)"
+    )
     _add_config_arguments(predict)
+    _add_ray_arguments(predict)
     predict.add_argument("--checkpoint", required=True)
-    predict.add_argument("--inputs", nargs="+", required=True)
-    predict.add_argument("--out", required=True)
+    predict.add_argument(
+        "--inputs", nargs="+", required=True, help="image files, folders, URI prefixes"
+    )
+    predict.add_argument("--out", required=True, help="output folder (path or URI)")
     predict.add_argument("--no-crf", action="store_true")
     predict.set_defaults(run=_cmd_predict)
 
@@ -293,10 +323,11 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--small-width", type=int, default=64, help="width of backbone 'small'")
     inspect.set_defaults(run=_cmd_weights_inspect)
 
-    demo = commands.add_parser("demo", help="synthetic data, local Ray, 3-stage pipeline, report")
+    demo = commands.add_parser("demo", help="real-pixel data, local Ray, 2-stage pipeline, report")
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--quick", action="store_true", help="tiny sizes, for tests")
     demo.add_argument("--num-cpus", type=int, default=None)
+    demo.add_argument("--verbose", action="store_true", help="also print Ray's own output")
     demo.set_defaults(run=_cmd_demo)
     return parser
 

@@ -154,6 +154,9 @@ class ResourcesConfig:
     error_budget: float = 0.01  # fraction of images that may fail in a label update
     max_failures: int = 2  # Ray Train restarts of a stage after a worker / node failure
     progress_seconds: float = 10.0  # how often long work prints done/total, rate, errors, ETA
+    # Ray Train checkpoints kept per training stage (each holds weights and optimizer state: close
+    # to 1 GB for ResNet-38); the stage's final weights are kept apart, where the next step reads them.
+    keep_checkpoints: int = 2
 
 
 @dataclass(frozen=True)
@@ -211,6 +214,7 @@ _POSITIVE = (
     "resources.num_workers",
     "resources.refine_actors",
     "resources.refine_batch_size",
+    "resources.keep_checkpoints",  # at least the last one: a restart resumes from it
     "labels.crf_tau",
 )
 _NON_NEGATIVE = (

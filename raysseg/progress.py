@@ -80,3 +80,49 @@ def format_duration(seconds: float) -> str:
 
 
 __all__ = ["ProgressMeter", "format_duration"]
+
+
+# Keys of a training epoch's metrics that are not loss terms.
+_NOT_LOSSES = frozenset(
+    {"lr", "steps", "images", "seconds", "images_per_s", "epoch", "stage", "val_miou"}
+)
+
+
+def epoch_line(label: str, metrics: dict, epochs: int, elapsed: float, seconds_left: float) -> str:
+    """'stage_0/train: epoch 2/5, total 0.8123, cls 0.3012, lr 0.00312, 41.2 images/s, elapsed
+    1m02s, ETA 2m10s, val mIoU 31.20%' (the val figure only where the epoch computed it)."""
+    terms = [k for k, v in metrics.items() if k not in _NOT_LOSSES and isinstance(v, (int, float))]
+    terms.sort(key=lambda key: (key != "total", key))  # the total first, then the terms by name
+    losses = ", ".join(f"{key} {metrics[key]:.4f}" for key in terms)
+    parts = [f"{label}: epoch {int(metrics['epoch']) + 1}/{epochs}"]
+    if losses:
+        parts.append(losses)
+    if "lr" in metrics:
+        parts.append(f"lr {metrics['lr']:.3g}")
+    parts += [
+        _format_rate(float(metrics.get("images_per_s", math.nan))),
+        f"elapsed {format_duration(elapsed)}",
+        f"ETA {format_duration(seconds_left)}",
+    ]
+    if isinstance(metrics.get("val_miou"), (int, float)):
+        parts.append(f"val mIoU {100.0 * metrics['val_miou']:.2f}%")
+    return ", ".join(parts)
+
+
+def step_line(
+    label: str,
+    epoch: int,
+    epochs: int,
+    steps: int,
+    steps_total: int,
+    rate: float,
+    elapsed: float,
+    seconds_left: float,
+) -> str:
+    """'stage_0/train: epoch 3/5, step 120/400 (30.0%), 40.1 images/s, elapsed 1m30s, ETA 1m50s'."""
+    percent = 100.0 * steps / steps_total if steps_total else 100.0
+    return (
+        f"{label}: epoch {epoch + 1}/{epochs}, step {steps:,}/{steps_total:,} ({percent:.1f}%), "
+        f"{_format_rate(rate)}, elapsed {format_duration(elapsed)}, "
+        f"ETA {format_duration(seconds_left)}"
+    )

@@ -39,6 +39,7 @@ from raysseg.data.manifest import read_manifest, write_manifest
 from raysseg.data.sources import voc_records
 from raysseg.distributed.refine import update_stage_labels
 from raysseg.distributed.train import StageSpec, train_stage
+from raysseg.distributed.train_progress import read_progress
 from raysseg.engine.checkpoint import load_checkpoint, save_checkpoint
 from raysseg.model.network import build_model
 from raysseg.rundir import layout
@@ -140,6 +141,7 @@ def test_killed_drivers_then_a_token_auth_job_finish_the_pipeline_labelling_each
     _kill_driver(driver)
     done = sorted(p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*.DONE"))
     assert "warmup.DONE" in done, first_log.read_text()[-3000:]
+    _assert_quiet_console_with_epoch_lines(first_log.read_text(), "warmup")
     warmup_weights = (run_dir / "warmup" / "checkpoint" / "checkpoint.pt").read_bytes()
     labels_before = _settled_count(run_dir, 0)
 
@@ -162,7 +164,11 @@ def test_killed_drivers_then_a_token_auth_job_finish_the_pipeline_labelling_each
     assert 0 < before_job <= images
 
     # 3. The pipeline submitted as a job (`ray job submit --working-dir`) on the token-auth head.
-    submit_job(head, _pipeline_args(config))
+    job = submit_job(head, _pipeline_args(config))
+    _assert_quiet_console_with_epoch_lines(job.stdout, "stage_0/train")
+    # Every command's lines, the killed ones' too, are kept in the run directory.
+    kept = (run_dir / "logs" / "raysseg.log").read_text()
+    assert "warmup: epoch 1/" in kept and "stage_0/train: epoch 1/" in kept, kept[-3000:]
     assert (run_dir / "config.yaml").is_file() and (run_dir / "metrics.json").is_file()
     assert_steps_done(run_dir)
     marker = json.loads((run_dir / "stage_0" / "labels.DONE").read_text())
@@ -178,6 +184,25 @@ def test_killed_drivers_then_a_token_auth_job_finish_the_pipeline_labelling_each
     assert "Unauthorized" in refused_output(head, root / "nobody")
     wrong = refused_output(head, root / "nobody", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="0" * 32)
     assert "token is invalid" in wrong
+
+
+# Ray's INFO output that buried raysseg's lines (worker output, Ray Data's execution dumps).
+RAY_NOISE = (
+    "Reporting training result",
+    "logging_progress.py",
+    "Execution plan of Dataset",
+    "Parquet dataset sampling",
+    "PreemptionWatcher",
+    "(RayTrainWorker",
+    "(TrainController",
+)
+
+
+def _assert_quiet_console_with_epoch_lines(console: str, step: str) -> None:
+    """The training step printed a line per epoch, and none of Ray's noise reached the console."""
+    assert f"{step}: epoch 1/" in console, console[-3000:]
+    noise = [line for line in console.splitlines() if any(n in line for n in RAY_NOISE)]
+    assert not noise, noise[:5]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,13 +237,14 @@ def test_two_worker_training_learns_and_a_killed_worker_resumes_to_the_same_weig
     # losses of the last two can be compared with the first two's.
     epochs = 4
 
-    def run(name: str, kill: bool) -> tuple[dict, list[dict], list[int]]:
+    def run(name: str, kill: bool, keep: int) -> tuple[dict, list[dict], list[int]]:
         # 64 images of 64 px: an epoch lasts about a second, so the kill lands inside one.
         # No colour or scale augmentation, a higher rate: the loss falls within 4 epochs.
         config = tiny_config(
             data,
             tmp_path / name,
             "resources.max_failures=1",
+            f"resources.keep_checkpoints={keep}",
             "resources.num_workers=2",
             "data.crop_size=64",
             "optim.lr=0.05",
@@ -238,10 +264,17 @@ def test_two_worker_training_learns_and_a_killed_worker_resumes_to_the_same_weig
         result = train_stage(config, spec)
         return load_checkpoint(result["checkpoint"]), _checkpoint_states(storage), killed
 
-    reference, reference_states, _ = run("reference", kill=False)
-    losses = [state["extra"]["total"] for state in reference_states]
-    assert sum(losses[-2:]) < sum(losses[:2]), losses  # the two workers' shared model learns
-    final, states, killed = run("killed", kill=True)
+    # The reference keeps the default 2 checkpoints: only the last two epochs' stay on disk.
+    reference, reference_states, _ = run("reference", kill=False, keep=2)
+    assert [s["epoch"] for s in reference_states] == [epochs - 1, epochs]
+    folders = (tmp_path / "reference" / "train" / "warmup").glob("checkpoint_*")
+    assert len([folder for folder in folders if folder.is_dir()]) == 2
+    progress = read_progress(str(tmp_path / "reference" / "train" / "progress.json"))
+    history = [row["total"] for row in progress["history"]]
+    # It learns: every later epoch's mean loss is below the first's (which starts untrained).
+    assert len(history) == epochs and max(history[1:]) < history[0], history
+    # The killed run keeps every checkpoint, so each epoch's shows (and shows once).
+    final, states, killed = run("killed", kill=True, keep=epochs)
 
     assert killed, "no Ray Train worker was found and killed"
     killed_pid, checkpoints_at_kill = killed
@@ -251,7 +284,7 @@ def test_two_worker_training_learns_and_a_killed_worker_resumes_to_the_same_weig
     # checkpoint (epoch 1) instead of training from scratch (which would report epoch 1 twice).
     assert [s["epoch"] for s in states] == list(range(1, epochs + 1))
     # The same learning rate at every epoch as the uninterrupted run (PolyLR restored exactly).
-    assert [s["extra"]["lr"] for s in states] == [s["extra"]["lr"] for s in reference_states]
+    assert [s["extra"]["lr"] for s in states[-2:]] == [s["extra"]["lr"] for s in reference_states]
     assert final["epoch"] == reference["epoch"] == epochs
     # Tolerance: CPU kernels with the same thread count are deterministic, every source of
     # randomness is reseeded per epoch and rank (data order, crops, Dropout2d), and an all-reduce

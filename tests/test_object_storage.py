@@ -11,17 +11,14 @@ cluster whose runtime_env or instance role provides them.
 from __future__ import annotations
 
 import json
-import logging
 import os
-import socket
 from pathlib import Path
 
-import boto3
 import numpy as np
 import pyarrow.fs as pafs
 import pytest
 import ray
-from moto.server import ThreadedMotoServer
+from moto_s3 import DUMMY_SECRET, moto_bucket
 from ray_helpers import tiny_config
 
 from raysseg import storage
@@ -40,38 +37,14 @@ from raysseg.rundir import layout
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
 
 BUCKET = "raysseg-test"
-SECRET = "raysseg-dummy-secret-key"  # must never be written into the bucket
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+SECRET = DUMMY_SECRET  # must never be written into the bucket
 
 
 @pytest.fixture(scope="module")
 def s3_bucket():
     """s3://raysseg-test on a moto server; AWS_* environment set for this module, then restored."""
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    environment = {
-        "AWS_ACCESS_KEY_ID": "raysseg-dummy-key-id",
-        "AWS_SECRET_ACCESS_KEY": SECRET,
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-    }
-    saved = {name: os.environ.get(name) for name in environment}
-    os.environ.update(environment)
-    boto3.client("s3").create_bucket(Bucket=BUCKET)
-    yield f"s3://{BUCKET}"
-    for name, value in saved.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
-    server.stop()
+    with moto_bucket(BUCKET) as uri:
+        yield uri
 
 
 @pytest.fixture(scope="module")

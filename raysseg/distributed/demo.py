@@ -93,12 +93,17 @@ def ensure_demo_data(config: Config, quick: bool) -> None:
     )
 
 
-def run_demo(out_dir: str = "runs/demo", quick: bool = False, num_cpus: int | None = None) -> dict:
+def run_demo(
+    out_dir: str = "runs/demo",
+    quick: bool = False,
+    num_cpus: int | None = None,
+    verbose: bool = False,
+) -> dict:
     config = demo_config(out_dir, quick)
     ensure_demo_data(config, quick)
     # Logical CPUs above the core count keep Ray Data reads from starving behind the actor pools.
     cpus = num_cpus or max(4, os.cpu_count() or 1)
-    with ray_session(num_cpus=cpus):
+    with ray_session(num_cpus=cpus, verbose=verbose):
         summary = run_pipeline(config)
     report = write_report(config, Path(out_dir, "report"), summary)
     print(f"report written to {report}")

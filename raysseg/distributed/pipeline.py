@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from raysseg import storage
-from raysseg.config import Config, ConfigError
+from raysseg.config import Config, ConfigError, to_flat_dict
 from raysseg.data.manifest import write_manifest
 from raysseg.data.sources import train_records, val_records
 from raysseg.distributed.evaluate import evaluate_checkpoint, label_quality
@@ -29,6 +29,7 @@ from raysseg.model.weights import check_pretrained
 from raysseg.rundir import layout
 from raysseg.rundir.markers import is_done, read_result, write_result
 from raysseg.rundir.prepare import prepare_run_dir
+from raysseg.rundir.runlog import RunLog
 from raysseg.rundir.steps import (
     FINAL,
     WARMUP,
@@ -41,6 +42,7 @@ from raysseg.rundir.steps import (
     step_train_storage,
     train_step,
 )
+from raysseg.tracking import Tracker, open_tracker
 
 
 def run_pipeline(
@@ -48,17 +50,37 @@ def run_pipeline(
 ) -> dict[str, Any]:
     """Run (or resume) every step; return the per-stage summary that is also saved as metrics.json."""
     check_pretrained(config.model)  # before anything is written: no run on silently random weights
-    config = resolve_run_config(config, log)
+    run_log = RunLog(_absolute_run_dir(config).run_dir, log)
+    config = resolve_run_config(config, run_log)
     prepare_run_dir(config)
     steps = plan_steps(config, full_supervision)
-    for index, step in enumerate(steps, start=1):
-        run_step(config, step, f"[{index}/{len(steps)}]", log, full_supervision)
+    try:
+        with open_tracker(config.run_dir, params=to_flat_dict(config), log=run_log) as tracker:
+            for index, step in enumerate(steps, start=1):
+                result = run_step(
+                    config, step, f"[{index}/{len(steps)}]", run_log, full_supervision
+                )
+                track_step(tracker, step, result)
+                run_log.flush()
+    finally:
+        run_log.flush()  # a failed step's lines too
     summary = summarize(config)
     storage.write_bytes_atomic(
         layout.metrics_file(config.run_dir), json.dumps(summary, indent=2).encode()
     )
-    log(format_summary(summary))
+    run_log(format_summary(summary))
+    run_log.flush()
     return summary
+
+
+def track_step(tracker: Tracker, step: Step, result: dict[str, Any]) -> None:
+    """A step's curves for TensorBoard (and MLflow): a training's epochs, a label step's quality.
+    Steps done earlier are replayed from their markers; the tracker skips what it logged."""
+    for row in result.get("history", []):
+        tracker.epoch(step.name, int(row["epoch"]), row, stage=step.stage)
+    if step.label_stage is not None:
+        tracker.labels(step.label_stage, result)
+    tracker.flush()
 
 
 def run_single_step(config: Config, step: Step, log: Callable[[str], None] = print) -> dict:
@@ -89,7 +111,7 @@ def run_step(
         return read_result(config.run_dir, step)
     log(f"{counter} {step.name}: running")
     started = time.perf_counter()
-    result = _execute(config, step, full_supervision)
+    result = _execute(config, step, full_supervision, log)
     result["seconds"] = round(time.perf_counter() - started, 2)
     write_result(config.run_dir, step, result)
     log(f"{counter} {step.name}: finished in {result['seconds']:.1f} s {_brief(result)}")
@@ -129,19 +151,21 @@ def resolve_run_config(config: Config, log: Callable[[str], None] = print) -> Co
 # The steps
 
 
-def _execute(config: Config, step: Step, full_supervision: bool) -> dict[str, Any]:
+def _execute(
+    config: Config, step: Step, full_supervision: bool, log: Callable[[str], None]
+) -> dict[str, Any]:
     run = config.run_dir
     if step.kind is StepKind.MANIFEST:
         return build_manifests(config)
     if step.kind is StepKind.WARMUP:
-        return _train_step(config, step, label_stage=None)
+        return _train_step(config, step, None, log)
     if step.kind is StepKind.LABELS:
         if full_supervision:
             return _labels_step(config, step.label_stage, "ground_truth", "")
         return _labels_step(config, step.label_stage, "initial", step_checkpoint(run, WARMUP))
     if step.kind is StepKind.TRAIN:
         # The baseline trains every stage on the GT labels of stage 0.
-        return _train_step(config, step, label_stage=0 if full_supervision else step.stage)
+        return _train_step(config, step, 0 if full_supervision else step.stage, log)
     if step.kind is StepKind.REFINE:
         checkpoint = step_checkpoint(run, train_step(step.stage))
         return _labels_step(config, step.label_stage, "refine", checkpoint)
@@ -161,9 +185,11 @@ def build_manifests(config: Config) -> dict[str, Any]:
     return counts
 
 
-def _train_step(config: Config, step: Step, label_stage: int | None) -> dict:
+def _train_step(
+    config: Config, step: Step, label_stage: int | None, log: Callable[[str], None]
+) -> dict:
     """A training step: the warm-up on image labels (label_stage None), or stage k on the
-    labels of stage `label_stage`."""
+    labels of stage `label_stage`; its epochs are printed as they finish."""
     run = config.run_dir
     warmup = step.kind is StepKind.WARMUP
     train_manifest = (
@@ -179,11 +205,11 @@ def _train_step(config: Config, step: Step, label_stage: int | None) -> dict:
         epochs=config.optim.warmup_epochs if warmup else config.optim.epochs,
         storage_path=step_train_storage(run, step),
     )
-    result = train_stage(config, spec)
+    result = train_stage(config, spec, log=log, label=step.name)
     final = step_checkpoint(run, step)
     storage.copy_file(result["checkpoint"], final)
     metrics = {k: v for k, v in result["metrics"].items() if isinstance(v, (int, float))}
-    return {"checkpoint": final, **metrics}
+    return {"checkpoint": final, **metrics, "history": result["history"]}
 
 
 def _labels_step(config: Config, stage: int, mode: str, checkpoint: str) -> dict:

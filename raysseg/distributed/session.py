@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 from collections.abc import Iterator
@@ -14,23 +15,32 @@ NO_API_SERVER_PORT = 1
 
 
 @contextlib.contextmanager
-def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iterator[None]:
+def ray_session(
+    address: str | None = None, num_cpus: int | None = None, verbose: bool = False
+) -> Iterator[None]:
     """Join the cluster at `address` / RAY_ADDRESS, or start a local Ray; shut down what we started.
 
-    A session that was already initialised (tests, notebooks) is reused and left running.
+    The console shows raysseg's lines and warnings; Ray's own (the workers' output, Ray Data's
+    execution dumps) stay in the session's log files unless `verbose`. A session that was already
+    initialised (tests, notebooks) is reused and left running as it is.
     """
     if ray.is_initialized():
         yield
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     joining = address is not None or "RAY_ADDRESS" in os.environ
-    kwargs: dict = {"address": address, "log_to_driver": True}
+    # Worker output is what buries raysseg's lines: Ray Train's per-report INFO lines, harmless
+    # `core_worker` lines tagged E. A failure in a worker still reaches the driver as an exception.
+    kwargs: dict = {"address": address, "log_to_driver": verbose}
     if not joining:
         # A new local instance, even when another Ray runs on this machine (address=None would
         # join that one). Its dashboard stays on: Ray Train's placement-group cleaner polls the
         # state API it serves.
         kwargs.update(local_init_kwargs(num_cpus, include_dashboard=True))
-    ray.init(**kwargs)
+    context = ray.init(**kwargs)
+    if not verbose:
+        quiet_ray_data_console()
+        print(f"Ray's own output: {_session_logs(context)} (--verbose prints it here)", flush=True)
     try:
         yield
     finally:
@@ -65,3 +75,24 @@ def free_local_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def quiet_ray_data_console() -> None:
+    """Ray Data's INFO lines (execution plans, a progress dump every few seconds, the Parquet
+    sampling bar) leave the console; its warnings stay, and ray-data.log in the session keeps all."""
+    import ray.data
+    from ray.util.debug import log_once
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    # Ray Data warns once that the bars are off and how to turn them on: they are off on purpose.
+    log_once("ray_data_progress_manager_disabled")
+    for handler in logging.getLogger("ray.data").handlers:
+        if handler.name == "console":  # the name Ray Data's logging config gives it
+            handler.setLevel(logging.WARNING)
+
+
+def _session_logs(context: object) -> str:
+    """The session's log folder on this node (Ray keeps one per node)."""
+    address = getattr(context, "address_info", None) or {}
+    session = address.get("session_dir") if isinstance(address, dict) else None
+    return f"{session}/logs" if session else "the Ray session folders' logs/ on each node"

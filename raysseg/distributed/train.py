@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import posixpath
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,14 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from ray.train import Checkpoint, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+from ray.train import (
+    Checkpoint,
+    CheckpointConfig,
+    FailureConfig,
+    LoggingConfig,
+    RunConfig,
+    ScalingConfig,
+)
 from ray.train.torch import TorchTrainer
 from torch.utils.data import DataLoader
 
@@ -28,6 +36,7 @@ from raysseg.data.dataset import EpochSampler, build_stage_dataset, build_train_
 from raysseg.data.manifest import ManifestRows
 from raysseg.distributed.placement import require_custom_resources, train_worker_resources
 from raysseg.distributed.storage import train_storage, uri_in_storage
+from raysseg.distributed.train_progress import ProgressWatcher, open_writer, read_progress
 from raysseg.engine.checkpoint import (
     load_checkpoint,
     load_model_state,
@@ -38,6 +47,7 @@ from raysseg.engine.loop import evaluate, make_grad_scaler, train_one_epoch
 from raysseg.engine.metrics import ConfusionMatrix
 from raysseg.engine.optim import PolyLR, build_optimizer, warmup_param_groups
 from raysseg.model.network import build_model
+from raysseg.rundir import layout
 from raysseg.rundir.layout import CHECKPOINT_FILE
 
 
@@ -54,11 +64,19 @@ class StageSpec:
     storage_path: str  # Ray Train storage (absolute path or URI)
 
 
-def train_stage(config: Config, spec: StageSpec, max_failures: int | None = None) -> dict[str, Any]:
-    """Fit one stage on the Ray cluster; return {"checkpoint": uri of checkpoint.pt, "metrics": ...}.
+def train_stage(
+    config: Config,
+    spec: StageSpec,
+    max_failures: int | None = None,
+    log: Callable[[str], None] | None = None,
+    label: str = "",
+) -> dict[str, Any]:
+    """Fit one stage on the Ray cluster; return {"checkpoint": uri of checkpoint.pt, "metrics":
+    the last epoch's, "history": every epoch's metrics}.
 
     `max_failures`: worker-group restarts after a crash (None = `resources.max_failures`); each
-    restart resumes from the stage's last checkpoint.
+    restart resumes from the stage's last checkpoint. `log`: where the per-epoch lines and the
+    progress ticks go (`label` names the stage in them; default the stage's name).
     """
     resources = config.resources
     if max_failures is None:
@@ -76,18 +94,27 @@ def train_stage(config: Config, spec: StageSpec, max_failures: int | None = None
             name=spec.name,
             **train_storage(spec.storage_path),
             failure_config=FailureConfig(max_failures=max_failures),
+            # The last K per-epoch checkpoints: resuming needs only the newest, and each holds
+            # weights and optimizer state. The pipeline copies the final one out before going on.
+            checkpoint_config=CheckpointConfig(num_to_keep=resources.keep_checkpoints),
             # Per-report INFO lines drown the pipeline's own progress; warnings still show.
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
-    result = trainer.fit()
+    progress_path = layout.train_progress(spec.storage_path)
+    if log is None:
+        result = trainer.fit()
+    else:
+        with ProgressWatcher(progress_path, label or spec.name, log):
+            result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"stage {spec.name}: training finished without a checkpoint")
     # Ray reports the path inside the storage filesystem ("bucket/run/..." on S3).
     checkpoint_uri = uri_in_storage(
         spec.storage_path, posixpath.join(result.checkpoint.path, CHECKPOINT_FILE)
     )
-    return {"checkpoint": checkpoint_uri, "metrics": dict(result.metrics or {})}
+    history = read_progress(progress_path).get("history", [])
+    return {"checkpoint": checkpoint_uri, "metrics": dict(result.metrics or {}), "history": history}
 
 
 def _train_worker(loop_config: dict[str, Any]) -> None:
@@ -122,6 +149,8 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
         restore_training_state(state, model, optimizer, scheduler, scaler)
         start_epoch = int(state["epoch"])  # epochs finished before the restart
 
+    progress = open_writer(layout.train_progress(spec.storage_path), spec.epochs, start_epoch)
+
     # Warm-up leaves the seg/sal heads unused: DDP must be told, or it waits for their gradients.
     ddp_model = ray.train.torch.prepare_model(
         model, parallel_strategy_kwargs={"find_unused_parameters": warmup}
@@ -133,6 +162,11 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
         # The sampler tags each index with the epoch, so the (persistent) DataLoader workers draw
         # this epoch's crops; the dataset's own epoch only serves plain integer indices.
         sampler.set_epoch(epoch)
+
+        def tick(steps: int, images: int, seconds: float, epoch: int = epoch) -> None:
+            # Rank 0's images times the workers: each worker trains an equal share.
+            progress.tick(epoch, steps, len(loader), images * world_size, seconds)
+
         metrics = train_one_epoch(
             ddp_model,
             optimizer,
@@ -144,12 +178,16 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
             scaler=scaler,
             amp=use_amp,
             sal_binarize=config.labels.sal_binarize,
+            on_progress=tick if rank == 0 else None,
+            progress_seconds=config.resources.progress_seconds,
         )
         metrics = {**_mean_across_workers(metrics, device), "epoch": epoch, "stage": spec.name}
         if epoch == spec.epochs - 1 and spec.val_manifest and not warmup:
             metrics["val_miou"] = _validate(
                 model, config, spec.val_manifest, device, rank, world_size
             )
+        if rank == 0:
+            progress.epoch_done(metrics)
         _report_with_checkpoint(metrics, model, optimizer, scheduler, scaler, epoch, config, rank)
 
 

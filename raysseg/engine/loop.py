@@ -116,8 +116,13 @@ def train_one_epoch(
     amp_dtype: torch.dtype | None = None,
     sal_binarize: float = 0.5,
     loss_fn: Callable[..., dict[str, torch.Tensor]] = auxseg_losses,
+    on_progress: Callable[[int, int, float], None] | None = None,
+    progress_seconds: float = 10.0,
 ) -> dict[str, float]:
     """Train for one pass over `loader` (or `max_steps` batches); the scheduler steps every batch.
+
+    `on_progress(steps, images, seconds)` is called every `progress_seconds` during the epoch
+    (a long epoch would otherwise say nothing until it ends).
 
     mode "train" trains all heads on the batch's "seg"/"sal" pseudo labels; mode "warmup" (stage 0a)
     runs only the classification branch on the image labels. Returns the mean of every loss term,
@@ -138,6 +143,7 @@ def train_one_epoch(
     )
     steps = images_seen = 0
     start = time.perf_counter()
+    next_progress = start + progress_seconds
     for batch in loader:
         if max_steps is not None and steps >= max_steps:
             break
@@ -168,6 +174,9 @@ def train_one_epoch(
                 f"{n}={v:.4f}" for n, v in zip(names, (sums / steps).tolist(), strict=True)
             )
             print(f"[{mode}] step {steps}: {shown}, lr={_current_lr(optimizer):.3g}", flush=True)
+        if on_progress is not None and time.perf_counter() >= next_progress:
+            on_progress(steps, images_seen, time.perf_counter() - start)
+            next_progress = time.perf_counter() + progress_seconds
     seconds = time.perf_counter() - start
     means = {} if sums is None else dict(zip(names, (sums / steps).tolist(), strict=True))
     return {

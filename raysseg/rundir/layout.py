@@ -89,6 +89,21 @@ def train_storage(run_dir: str, name: str) -> str:
     return join(run_dir, name, "train")
 
 
+def tensorboard_dir(run_dir: str) -> str:
+    """The run's TensorBoard event files and the record of what they hold (raysseg.tracking)."""
+    return join(run_dir, "tensorboard")
+
+
+def run_log(run_dir: str) -> str:
+    """raysseg's own console lines of every command run on this run directory, appended."""
+    return join(run_dir, "logs", "raysseg.log")
+
+
+def train_progress(storage_path: str) -> str:
+    """Where a training's rank 0 writes its progress (per-epoch metrics, the current epoch's step)."""
+    return join(storage_path, "progress.json")
+
+
 def step_marker(run_dir: str, step_name: str) -> str:
     """The done marker of a pipeline step, by its name (`steps.Step.name`), written last."""
     return join(run_dir, f"{step_name}{MARKER_SUFFIX}")
