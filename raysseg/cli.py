@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from raysseg.config import PRESETS, Config, ConfigError, describe_keys, dump_yaml, load_config
+from raysseg.errors import InputError, find_input_error
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -237,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="raysseg",
         description="AuxSegNet weakly supervised semantic segmentation on Ray.",
     )
+    parser.add_argument(
+        "--debug", action="store_true", help="show the traceback of an input error too"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     config = commands.add_parser("config", help="print the resolved config (or all keys)")
@@ -336,9 +340,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except ConfigError as error:
-        print(f"raysseg: config error: {error}", file=sys.stderr)
+    except Exception as error:
+        # Bad input (config, data, weights, checkpoint, resources) is one line naming what to
+        # fix, also when a Ray worker raised it; anything else keeps its traceback.
+        found = find_input_error(error)
+        if found is None or args.debug:
+            raise
+        print(f"raysseg: {_error_kind(found)}: {found}", file=sys.stderr)
+        print("raysseg: (raysseg --debug ... shows the traceback)", file=sys.stderr)
         return 2
+
+
+def _error_kind(error: InputError) -> str:
+    """'ConfigError' -> 'config error', 'DataError' -> 'data error', ..."""
+    name = type(error).__name__.removesuffix("Error")
+    return f"{name.lower()} error"
 
 
 if __name__ == "__main__":

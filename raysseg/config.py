@@ -20,10 +20,12 @@ from typing import Any
 
 import yaml
 
+from raysseg.errors import InputError
+
 IGNORE_INDEX = 255
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A configuration key, type or value is wrong; the message names the key."""
 
 

@@ -12,6 +12,7 @@ environment variables the raylet must inherit, token authentication) start their
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -151,12 +152,22 @@ class _RayConnection:
             self.release()
             os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
             # Short: Ray's socket paths under the temp dir must stay within 107 bytes.
-            self.temp_dir = Path(tempfile.mkdtemp(prefix="rsl", dir="/tmp"))
-            self.roots.append(self.temp_dir)
-            ray.init(
-                **local_init_kwargs(LOCAL_RAY_CPUS, include_dashboard=False),
-                _temp_dir=str(self.temp_dir),
-            )
+            for attempt in range(2):
+                self.temp_dir = Path(tempfile.mkdtemp(prefix="rsl", dir="/tmp"))
+                self.roots.append(self.temp_dir)
+                try:
+                    ray.init(
+                        **local_init_kwargs(LOCAL_RAY_CPUS, include_dashboard=False),
+                        _temp_dir=str(self.temp_dir),
+                    )
+                    break
+                except Exception as failure:
+                    # Ray waits 30 s for its raylet to register; on 2 cores busy with the other
+                    # test worker's Ray instances that once ran out ("timed out during startup").
+                    ray.shutdown()
+                    _kill_processes_under(self.temp_dir)  # the half-started instance
+                    if attempt or "timed out during startup" not in str(failure):
+                        raise
             self.kind = "local"
         assert self.temp_dir is not None
         return self.temp_dir
@@ -173,6 +184,16 @@ class _RayConnection:
 
 
 _RAY = _RayConnection()
+
+
+def _kill_processes_under(temp_dir: Path) -> None:
+    import signal
+
+    from ray_helpers import processes_under
+
+    for pid in processes_under(temp_dir):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def start_simulated_cluster() -> SimulatedCluster:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import yaml
 
+from raysseg import cli
 from raysseg.cli import main
 from raysseg.config import ModelConfig
 from raysseg.data import io
@@ -100,3 +101,34 @@ def test_predict_missing_input_names_it(tmp_path) -> None:
                 str(tmp_path / "o"),
             ]
         )
+
+
+def _raising_config_command(error: BaseException):
+    def run(args):
+        raise error
+
+    return run
+
+
+def test_an_input_error_is_one_line_and_exit_2_also_when_wrapped(monkeypatch, capsys) -> None:
+    from raysseg.data.records import DataError
+
+    # How a Ray worker's error reaches the driver: wrapped, the original as its `cause`.
+    wrapped = RuntimeError("ray::MapBatches() failed\nTraceback (most recent call last): ...")
+    wrapped.cause = DataError("GT mask 'x.png' is (H, W) = (4, 4), but its image is (8, 8)")
+    monkeypatch.setattr(cli, "_cmd_config", _raising_config_command(wrapped))
+    assert cli.main(["config"]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[0] == (
+        "raysseg: data error: GT mask 'x.png' is (H, W) = (4, 4), but its image is (8, 8)"
+    )
+    assert "Traceback" not in err and "--debug" in err
+    # --debug: the traceback of the same error, as raised.
+    with pytest.raises(RuntimeError, match="MapBatches"):
+        cli.main(["--debug", "config"])
+
+
+def test_any_other_error_keeps_its_traceback(monkeypatch) -> None:
+    monkeypatch.setattr(cli, "_cmd_config", _raising_config_command(KeyError("a bug")))
+    with pytest.raises(KeyError):
+        cli.main(["config"])

@@ -15,6 +15,7 @@ import numpy as np
 
 from raysseg import storage
 from raysseg.config import IGNORE_INDEX
+from raysseg.errors import InputError
 
 VOC_CLASS_NAMES: tuple[str, ...] = (
     "background",
@@ -126,7 +127,7 @@ COCO_CLASS_NAMES: tuple[str, ...] = (
 )
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """Bad dataset input; the message names the file, key and value."""
 
 

@@ -16,6 +16,7 @@ import ray
 from ray.autoscaler.sdk import request_resources
 
 from raysseg.config import ResourcesConfig, parse_custom_resources
+from raysseg.errors import InputError
 
 # Kind of work -> the config key of its custom resources.
 CUSTOM_RESOURCE_KEYS = {
@@ -26,7 +27,7 @@ CUSTOM_RESOURCE_KEYS = {
 _POLL_SECONDS = 2.0
 
 
-class PlacementError(RuntimeError):
+class PlacementError(InputError, RuntimeError):
     """No node advertises a custom resource the config asks for; the message names the key."""
 
 

@@ -16,12 +16,13 @@ import torch
 from torch import nn
 
 from raysseg import storage
+from raysseg.errors import InputError
 from raysseg.model.network import build_model_from_args
 from raysseg.model.weights import CHECKPOINT_FORMAT as FORMAT
 from raysseg.model.weights import strip_wrapper_prefixes
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(InputError, RuntimeError):
     """A checkpoint file is missing, unreadable or incomplete; the message names the path."""
 
 

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from raysseg import storage
 from raysseg.config import ConfigError, ModelConfig
+from raysseg.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ CHECKPOINT_FORMAT = "raysseg-checkpoint-v1"
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
-class WeightsError(ValueError):
+class WeightsError(InputError):
     """A weights file is unreadable, corrupt, or does not fit the backbone; names file and keys."""
 
 
