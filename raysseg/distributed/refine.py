@@ -194,6 +194,8 @@ def _run_with_progress(
     while thread.is_alive():
         thread.join(timeout=interval)
         if thread.is_alive() or "failure" not in outcome:
+            # The clock moves on while no block arrives: elapsed and the rate say so.
+            meter.update(meter.done, meter.errors)
             log(meter.line())
     if "failure" in outcome:
         raise outcome["failure"]
