@@ -12,7 +12,6 @@ environment variables the raylet must inherit, token authentication) start their
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import os
 import shutil
@@ -147,6 +146,7 @@ class _RayConnection:
 
     def local(self) -> Path:
         import ray
+        from ray_helpers import stop_head
 
         if self.kind != "local" or not ray.is_initialized():
             self.release()
@@ -165,7 +165,7 @@ class _RayConnection:
                     # Ray waits 30 s for its raylet to register; on 2 cores busy with the other
                     # test worker's Ray instances that once ran out ("timed out during startup").
                     ray.shutdown()
-                    _kill_processes_under(self.temp_dir)  # the half-started instance
+                    stop_head(self.temp_dir)  # the half-started instance's processes
                     if attempt or "timed out during startup" not in str(failure):
                         raise
             self.kind = "local"
@@ -184,16 +184,6 @@ class _RayConnection:
 
 
 _RAY = _RayConnection()
-
-
-def _kill_processes_under(temp_dir: Path) -> None:
-    import signal
-
-    from ray_helpers import processes_under
-
-    for pid in processes_under(temp_dir):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
 
 
 def start_simulated_cluster() -> SimulatedCluster:

@@ -5,26 +5,23 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import socket
 from collections.abc import Iterator
 
 import boto3
 from moto.server import ThreadedMotoServer
 
+from raysseg.distributed.session import free_local_port
+
 DUMMY_SECRET = "raysseg-dummy-secret-key"  # a test checks it is never written into the bucket
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @contextlib.contextmanager
 def moto_bucket(bucket: str) -> Iterator[str]:
     """s3://<bucket> on a moto server on 127.0.0.1; AWS_* set meanwhile, then restored."""
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=(port := free_port()), verbose=False)
+    server = ThreadedMotoServer(
+        ip_address="127.0.0.1", port=(port := free_local_port()), verbose=False
+    )
     server.start()
     environment = {
         "AWS_ACCESS_KEY_ID": "raysseg-dummy-key-id",

@@ -34,13 +34,19 @@ def read_manifest_dataset(
     waited forever behind an actor pool holding every CPU (the update hung at 0 images, no error).
     """
     rows = manifest_row_count(manifest)
-    per_worker = math.ceil(rows / (BLOCKS_PER_WORKER * max(1, parallelism)))
-    per_block = max(1, min(MAX_ROWS_PER_BLOCK, max(rows_per_batch, per_worker)))
-    blocks = max(1, math.ceil(rows / per_block))
+    blocks = block_count(rows, parallelism, rows_per_batch)
     dataset = read_parquet(manifest, override_num_blocks=blocks, num_cpus=0)
     if columns:
         dataset = dataset.select_columns(columns)
     return dataset, rows
+
+
+def block_count(rows: int, parallelism: int, rows_per_batch: int) -> int:
+    """Blocks for `rows` rows: ~BLOCKS_PER_WORKER per worker, each of `rows_per_batch` to
+    MAX_ROWS_PER_BLOCK rows (any Ray Data input cut for an actor pool, not only a manifest)."""
+    per_worker = math.ceil(rows / (BLOCKS_PER_WORKER * max(1, parallelism)))
+    per_block = max(1, min(MAX_ROWS_PER_BLOCK, max(rows_per_batch, per_worker)))
+    return max(1, math.ceil(rows / per_block))
 
 
 def inference_pool_options(resources: ResourcesConfig) -> dict[str, Any]:
@@ -58,6 +64,7 @@ def inference_pool_options(resources: ResourcesConfig) -> dict[str, Any]:
 __all__ = [
     "BLOCKS_PER_WORKER",
     "MAX_ROWS_PER_BLOCK",
+    "block_count",
     "inference_pool_options",
     "read_manifest_dataset",
 ]

@@ -11,7 +11,6 @@ the same files.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -20,12 +19,8 @@ import ray.data
 import torch
 
 from raysseg import storage
-from raysseg.config import Config, ResourcesConfig, from_dict, to_dict
-from raysseg.distributed.datasets import (
-    BLOCKS_PER_WORKER,
-    MAX_ROWS_PER_BLOCK,
-    inference_pool_options,
-)
+from raysseg.config import Config, from_dict, to_dict
+from raysseg.distributed.datasets import block_count, inference_pool_options
 from raysseg.distributed.placement import custom_resources, require_custom_resources
 from raysseg.distributed.refine import crf_in_actors
 from raysseg.labels.finish import pack_arrays, unpack_arrays
@@ -64,7 +59,12 @@ def predict_dataset(
     storage.makedirs(out_dir)
     config_dict = to_dict(config)
     rows = [{"uri": item.uri, "name": item.name} for item in items]
-    dataset = ray.data.from_items(rows, override_num_blocks=_block_count(len(rows), resources))
+    dataset = ray.data.from_items(
+        rows,
+        override_num_blocks=block_count(
+            len(rows), resources.refine_actors, resources.refine_batch_size
+        ),
+    )
     dataset = dataset.map_batches(
         Predictor,
         fn_constructor_kwargs={
@@ -86,15 +86,6 @@ def predict_dataset(
             batch_format="pandas",
         )
     return _collect(dataset, len(rows), resources.progress_seconds, log)
-
-
-def _block_count(rows: int, resources: ResourcesConfig) -> int:
-    """Input blocks as `datasets.read_manifest_dataset` cuts a manifest: ~BLOCKS_PER_WORKER per
-    actor, one batch to MAX_ROWS_PER_BLOCK rows each (a block's rows reach the driver together,
-    so the cap keeps the progress line moving)."""
-    per_worker = math.ceil(rows / (BLOCKS_PER_WORKER * max(1, resources.refine_actors)))
-    per_block = max(1, min(MAX_ROWS_PER_BLOCK, max(resources.refine_batch_size, per_worker)))
-    return max(1, math.ceil(rows / per_block))
 
 
 def _collect(

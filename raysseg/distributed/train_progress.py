@@ -51,8 +51,12 @@ class ProgressWriter:
 
     def _write(self, current: dict[str, Any] | None) -> None:
         self.ticks += 1
-        state = {"epochs": self.epochs, "history": self.history, "current": current}
-        state["tick"] = self.ticks
+        state = {
+            "epochs": self.epochs,
+            "history": self.history,
+            "current": current,
+            "tick": self.ticks,
+        }
         storage.write_bytes_atomic(self.path, json.dumps(state).encode())
 
 
