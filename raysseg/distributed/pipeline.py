@@ -54,16 +54,15 @@ def run_pipeline(
     config = resolve_run_config(config, run_log)
     prepare_run_dir(config)
     steps = plan_steps(config, full_supervision)
-    try:
-        with open_tracker(config.run_dir, params=to_flat_dict(config), log=run_log) as tracker:
-            for index, step in enumerate(steps, start=1):
+    with open_tracker(config.run_dir, params=to_flat_dict(config), log=run_log) as tracker:
+        for index, step in enumerate(steps, start=1):
+            try:
                 result = run_step(
                     config, step, f"[{index}/{len(steps)}]", run_log, full_supervision
                 )
-                track_step(tracker, step, result)
-                run_log.flush()
-    finally:
-        run_log.flush()  # a failed step's lines too
+            finally:
+                run_log.flush()  # after every step, a failed one's lines too
+            track_step(tracker, step, result)
     summary = summarize(config)
     storage.write_bytes_atomic(
         layout.metrics_file(config.run_dir), json.dumps(summary, indent=2).encode()

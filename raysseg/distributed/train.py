@@ -149,7 +149,12 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
         restore_training_state(state, model, optimizer, scheduler, scaler)
         start_epoch = int(state["epoch"])  # epochs finished before the restart
 
-    progress = open_writer(layout.train_progress(spec.storage_path), spec.epochs, start_epoch)
+    # Rank 0 alone writes (and reads back) the progress file.
+    progress = (
+        open_writer(layout.train_progress(spec.storage_path), spec.epochs, start_epoch)
+        if rank == 0
+        else None
+    )
 
     # Warm-up leaves the seg/sal heads unused: DDP must be told, or it waits for their gradients.
     ddp_model = ray.train.torch.prepare_model(
@@ -178,7 +183,7 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
             scaler=scaler,
             amp=use_amp,
             sal_binarize=config.labels.sal_binarize,
-            on_progress=tick if rank == 0 else None,
+            on_progress=tick if progress is not None else None,
             progress_seconds=config.resources.progress_seconds,
         )
         metrics = {**_mean_across_workers(metrics, device), "epoch": epoch, "stage": spec.name}
@@ -186,7 +191,7 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
             metrics["val_miou"] = _validate(
                 model, config, spec.val_manifest, device, rank, world_size
             )
-        if rank == 0:
+        if progress is not None:
             progress.epoch_done(metrics)
         _report_with_checkpoint(metrics, model, optimizer, scheduler, scaler, epoch, config, rank)
 
