@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from raysseg.config import Config, ConfigError
+from raysseg.rundir import campaign as campaign_layout
 from raysseg.rundir.steps import MANIFEST, WARMUP, refine_step, train_step
 from raysseg.tuning.results import best_trial, format_results, pareto_front, step_gpus
 from raysseg.tuning.space import (
@@ -16,6 +17,7 @@ from raysseg.tuning.space import (
     parse_space,
     trial_config,
 )
+from raysseg.tuning.study import TrialNames, write_trial_values, written_trials
 
 
 @pytest.mark.parametrize(
@@ -178,3 +180,18 @@ def test_trials_share_a_warmup_only_when_its_settings_match() -> None:
     )
     assert shared.optim.warmup_lr == 0.02
     assert shared.labels.cam_threshold == base.labels.cam_threshold
+
+
+def test_a_rerun_names_its_new_trials_with_the_lowest_free_names(tmp_path) -> None:
+    """The driver was killed while trial_0003 ran and trial_0002 was named but not started: the
+    rerun re-queues trial_0003 and names its next new trials trial_0002, then trial_0004."""
+    campaign = str(tmp_path)
+    for name in ("trial_0000", "trial_0001"):  # finished: values and config written
+        write_trial_values(campaign_layout.trial_run_dir(campaign, name), name, {})
+        (tmp_path / "trials" / name / "config.yaml").write_text("{}")
+    write_trial_values(campaign_layout.trial_run_dir(campaign, "trial_0003"), "trial_0003", {})
+    (tmp_path / "trials" / "trial_0002").mkdir()  # made, then killed before its values
+    taken = written_trials(campaign)
+    assert taken == {"trial_0000", "trial_0001", "trial_0003"}
+    names = TrialNames(taken)
+    assert [names.next(), names.next()] == ["trial_0002", "trial_0004"]

@@ -54,11 +54,12 @@ from raysseg.tuning.results import (
 from raysseg.tuning.space import Param, TuneSettings, TuneSpace, trial_config
 from raysseg.tuning.study import (
     STUDY_NAME,
+    TrialNames,
     check_campaign,
     interrupted_trials,
     rebuild_study,
-    trial_dirs,
     write_trial_values,
+    written_trials,
 )
 
 
@@ -113,7 +114,9 @@ def _run_trials(
     if pending:
         log(f"rerunning {len(pending)} trial(s) cut off earlier: {', '.join(sorted(pending))}")
     journal = rebuild_study(campaign, space, rows, pending)
-    names = _RunNames(taken={row["trial"] for row in rows} | set(pending) | trial_dirs(campaign))
+    names = TrialNames(
+        taken={row["trial"] for row in rows} | set(pending) | written_trials(campaign)
+    )
     searcher = OptunaSearch(
         space=_DefineByRun(space.params, names),
         metric=list(settings.objectives) if settings.multi_objective else settings.objectives[0],
@@ -189,21 +192,6 @@ class _StageASHA(ASHAScheduler):
         return decision
 
 
-class _RunNames:
-    """trial_0000, trial_0001, ...: never reuses a name of a finished or started trial."""
-
-    def __init__(self, taken: set[str]) -> None:
-        self.taken = set(taken)
-
-    def next(self) -> str:
-        index = len(self.taken)
-        while campaign_layout.trial_name(index) in self.taken:
-            index += 1
-        name = campaign_layout.trial_name(index)
-        self.taken.add(name)
-        return name
-
-
 class _DefineByRun:
     """Optuna define-by-run space: suggests every key, and names the trial's run directory.
 
@@ -211,7 +199,7 @@ class _DefineByRun:
     so it resumes in its old run directory.
     """
 
-    def __init__(self, params: tuple[Param, ...], names: _RunNames) -> None:
+    def __init__(self, params: tuple[Param, ...], names: TrialNames) -> None:
         self.params = params
         self.names = names
 
@@ -242,8 +230,10 @@ def run_trial(trial: dict[str, Any], base: Config, settings: TuneSettings, campa
     name = trial["run_name"]
     params = {k: v for k, v in trial.items() if k != "run_name"}
     config = trial_config(base, params, settings, campaign_layout.trial_run_dir(campaign, name))
-    prepare_run_dir(config)  # a rerun trial must have the same values as its run directory
+    # The values first: a trial killed after them is rerun with them in this directory, and
+    # prepare_run_dir then checks that the rerun's config is the one saved here.
     write_trial_values(config.run_dir, name, params)
+    prepare_run_dir(config)
     share_warmup(warmup_config(base, params, settings, campaign), config, name)
     steps = plan_steps(config, full_supervision=False)
     if not settings.final_eval:

@@ -20,6 +20,7 @@ from optuna.storages.journal import JournalFileBackend
 from raysseg import storage
 from raysseg.config import RESUMABLE_KEYS, Config, ConfigError, to_flat_dict
 from raysseg.rundir import campaign as campaign_layout
+from raysseg.rundir import layout
 from raysseg.tuning.results import finite_or_none, objective_values
 from raysseg.tuning.space import Param, TuneSettings, TuneSpace
 
@@ -146,6 +147,40 @@ def trial_dirs(campaign: str) -> set[str]:
     return set(os.listdir(folder)) if os.path.isdir(folder) else set()
 
 
+def written_trials(campaign: str) -> set[str]:
+    """Trial directories that hold a trial's values or config: their names are never reused.
+
+    A folder with neither was made by a trial killed before its values were written (nothing of it
+    ran), so its name is free again and the campaign's names stay trial_0000 ... trial_N-1.
+    """
+    names = set()
+    for name in trial_dirs(campaign):
+        run_dir = campaign_layout.trial_run_dir(campaign, name)
+        files = (campaign_layout.trial_values_file(run_dir), layout.config_file(run_dir))
+        if any(storage.exists(path) for path in files):
+            names.add(name)
+    return names
+
+
+class TrialNames:
+    """trial_0000, trial_0001, ...: the lowest name no finished or started trial holds.
+
+    Lowest, not next after the count: a rerun whose cut-off trial is trial_0003 while trial_0002
+    never started must name its next trial trial_0002.
+    """
+
+    def __init__(self, taken: set[str]) -> None:
+        self.taken = set(taken)
+
+    def next(self) -> str:
+        index = 0
+        while campaign_layout.trial_name(index) in self.taken:
+            index += 1
+        name = campaign_layout.trial_name(index)
+        self.taken.add(name)
+        return name
+
+
 def interrupted_trials(campaign: str, rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """{run name: values} of trials that started (trial.json written) but are not in the table."""
     finished = {row["trial"] for row in rows}
@@ -160,8 +195,8 @@ def interrupted_trials(campaign: str, rows: list[dict[str, Any]]) -> dict[str, d
 
 
 def write_trial_values(run_dir: str, name: str, params: dict[str, Any]) -> None:
-    """A trial's values in its run directory, before its first step: a driver killed mid-trial
-    re-queues the trial with them (`interrupted_trials`)."""
+    """A trial's values in its run directory, before anything else of it (its config, its first
+    step): a driver killed mid-trial re-queues the trial with them (`interrupted_trials`)."""
     storage.write_bytes_atomic(
         campaign_layout.trial_values_file(run_dir),
         json.dumps({"run_name": name, "params": params}, indent=2).encode(),
@@ -170,6 +205,7 @@ def write_trial_values(run_dir: str, name: str, params: dict[str, Any]) -> None:
 
 __all__ = [
     "STUDY_NAME",
+    "TrialNames",
     "check_campaign",
     "distributions",
     "interrupted_trials",
@@ -177,4 +213,5 @@ __all__ = [
     "rebuild_study",
     "trial_dirs",
     "write_trial_values",
+    "written_trials",
 ]
