@@ -153,7 +153,8 @@ class ResourcesConfig:
     # How long to wait for a node advertising a custom resource above (an autoscaler is asked for
     # one) before failing with an error that names the key; 0 = fail at once.
     placement_wait_s: float = 300.0
-    error_budget: float = 0.01  # fraction of images that may fail in a label update
+    # Fraction of a split's items (manifest step) or of a label update's images that may fail.
+    error_budget: float = 0.01
     max_failures: int = 2  # Ray Train restarts of a stage after a worker / node failure
     progress_seconds: float = 10.0  # how often long work prints done/total, rate, errors, ETA
     # Ray Train checkpoints kept per training stage (each holds weights and optimizer state: close

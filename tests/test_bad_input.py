@@ -357,12 +357,96 @@ def test_corrupt_coco_json_names_the_file(tmp_path: Path) -> None:
 
 
 def test_empty_dataset_is_refused_naming_the_root(voc: Path, tmp_path: Path) -> None:
-    from raysseg.distributed.pipeline import build_manifests  # needs no running Ray
+    from raysseg.distributed.manifests import build_manifests  # a small check needs no Ray
 
     (voc / "ImageSets" / "Segmentation" / "train.txt").write_text("")
     config = tiny_config(voc, tmp_path / "run")
     with pytest.raises(ConfigError, match=rf"data\.root '{voc}': the training split has no images"):
         build_manifests(config)
+
+
+def _break_in_seven_ways(voc: Path) -> dict[str, str]:
+    """Damage the 6-image `voc` fixture: {image id: a phrase of the problem it must report}."""
+    jpegs, masks = voc / "JPEGImages", voc / "SegmentationClass"
+    (jpegs / "train_000000.jpg").write_bytes(b"")
+    (jpegs / "train_000001.jpg").write_bytes((jpegs / "train_000001.jpg").read_bytes()[:300])
+    io.write_png_atomic(str(masks / "train_000002.png"), np.zeros((20, 20), np.uint8))
+    out_of_range = io.read_label(str(masks / "train_000003.png"))
+    out_of_range[0, 0] = 17
+    io.write_png_atomic(str(masks / "train_000003.png"), out_of_range, palette=io.voc_palette())
+    io.write_png_atomic(str(voc / "saliency" / "train_000004.png"), np.zeros((9, 9), np.uint8))
+    split = voc / "ImageSets" / "Segmentation" / "train.txt"
+    split.write_text(split.read_text() + "train_000005\ntrain_999999\n")
+    return {
+        "train_000000": "the file is empty (0 bytes)",
+        "train_000001": "train_000001.jpg",
+        "train_000002": "train_000002.png' is (H, W) = (20, 20), but its image",
+        "train_000003": "train_000003.png' has class id 17",
+        "train_000004": "train_000004.png' is (H, W) = (9, 9), but its image",
+        "train_000005": "duplicate image id 'train_000005'",
+        "train_999999": "lists image 'train_999999', but",
+    }
+
+
+def _check_problems_table(run: str, expected: dict[str, str]) -> None:
+    rows = pq.read_table(layout.problems_table(run)).to_pylist()
+    assert sorted(row["image_id"] for row in rows) == sorted(expected)
+    for row in rows:
+        assert row["split"] == "train"
+        assert expected[row["image_id"]] in row["message"], row
+
+
+@pytest.mark.parametrize("on_cluster", [False, True], ids=["in_the_driver", "with_ray_data"])
+def test_manifest_step_finds_every_problem_at_once_and_leaves_them_out_within_the_budget(
+    request, voc: Path, tmp_path: Path, on_cluster: bool
+) -> None:
+    """Seven kinds of breakage found in one pass: one table, one line quoting the first three.
+    Over the error budget the step fails; within it the one sound item of 8 goes on."""
+    from raysseg.distributed.manifests import build_manifests
+
+    if on_cluster:
+        request.getfixturevalue("local_ray")  # the shared Ray of this module
+    expected = _break_in_seven_ways(voc)
+    in_process_max = 0 if on_cluster else 1000
+    config = tiny_config(voc, tmp_path / "run")
+    with pytest.raises(DataError) as failure:
+        build_manifests(config, in_process_max=in_process_max)
+    message = str(failure.value)
+    assert "resources.error_budget = 1.0%" in message
+    assert "train: 7 of 8 listed images have problems (7 in all)" in message, message
+    assert "and 4 more" in message and layout.problems_table(config.run_dir) in message
+    _check_problems_table(config.run_dir, expected)
+
+    lines: list[str] = []
+    config = tiny_config(voc, tmp_path / "run", "resources.error_budget=0.9")
+    counts = build_manifests(config, log=lines.append, in_process_max=in_process_max)
+    assert counts["train_images"] == 1 and counts["train_left_out"] == 7
+    assert counts["problems"] == 7
+    kept = [r.image_id for r in read_manifest(layout.dataset_manifest(config.run_dir, "train"))]
+    assert kept == ["train_000005"]
+    assert any(line.startswith("manifest train: left out 7 of 8") for line in lines), lines
+    _check_problems_table(config.run_dir, expected)
+    assert not storage.exists(layout.listed_manifest(config.run_dir, "train"))
+
+
+@pytest.mark.ray
+def test_label_quality_records_a_mask_of_another_size_with_its_image_id(local_ray, tmp_path):
+    from raysseg.distributed.evaluate import label_quality
+
+    labels = np.zeros((12, 16), np.uint8)
+    labels[:6] = 1
+    rows = []
+    for index, mask_shape in enumerate([(12, 16), (12, 16), (8, 8)]):
+        seg, mask = tmp_path / f"seg_{index}.png", tmp_path / f"mask_{index}.png"
+        io.write_png_atomic(str(seg), labels, palette=io.voc_palette())
+        io.write_png_atomic(str(mask), np.ones(mask_shape, np.uint8), palette=io.voc_palette())
+        rows.append(Record(f"img_{index}", "", (1,), mask_uri=str(mask), seg_label_uri=str(seg)))
+    write_manifest(rows, str(tmp_path / "manifest"))
+    quality = label_quality(str(tmp_path / "manifest"), num_classes=3)
+    assert quality["scored_images"] == 2 and quality["mismatched_masks"] == 1
+    assert quality["first_mismatch"].startswith("image 'img_2': GT mask '")
+    assert "mask_2.png' is (H, W) = (8, 8), but its pseudo label" in quality["first_mismatch"]
+    assert quality["recall"] == pytest.approx(0.5)  # half of each scored mask's pixels labelled 1
 
 
 # ---------------------------------------------------------------------------------------------

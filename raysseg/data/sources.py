@@ -22,6 +22,7 @@ import numpy as np
 from raysseg import storage
 from raysseg.config import IGNORE_INDEX, Config, ConfigError
 from raysseg.data import io
+from raysseg.data.checks import Report, raise_problem
 from raysseg.data.label_files import (
     check_label_columns,
     iter_label_rows,
@@ -32,7 +33,6 @@ from raysseg.data.records import (
     VOC_CLASS_NAMES,
     DataError,
     Record,
-    check_label_map,
     labels_from_mask,
     resolve_class_names,
     utf8_lines,
@@ -84,6 +84,7 @@ def voc_records(
     labels_file: str = "",
     mask_dir: str = "",
     masks_only: bool = False,
+    report: Report = raise_problem,
 ) -> Iterator[Record]:
     """Records of a VOC-layout folder, in split-file order.
 
@@ -93,7 +94,8 @@ def voc_records(
     mask_uri "" (it is trained on, not scored). Image labels: from `labels_file` when one is given
     (CSV/Parquet `image_id,labels` or cls_labels.npy; every split id must be in it), else from
     the mask. `masks_only` (validation: scored against masks, never trained on): only the images
-    with a mask, labels from it, `labels_file` unused.
+    with a mask, labels from it, `labels_file` unused. An item with a problem (duplicate id,
+    missing image, unreadable mask, no labels) goes to `report` and is left out.
     """
     if class_names is None and storage.exists(storage.join(root, "class_names.txt")):
         class_names = storage.join(root, "class_names.txt")
@@ -105,27 +107,35 @@ def voc_records(
     seen: set[str] = set()
     for image_id, listed_mask in _split_entries(split_file, root):
         if image_id in seen:
-            raise DataError(f"split file '{split_file}': duplicate image id '{image_id}'")
+            report(image_id, "", f"split file '{split_file}': duplicate image id '{image_id}'")
+            continue
         seen.add(image_id)
         image_uri = storage.join(root, "JPEGImages", f"{image_id}.jpg")
         if not storage.exists(image_uri):
-            raise DataError(
+            message = (
                 f"split file '{split_file}' lists image '{image_id}', but '{image_uri}' is missing"
             )
+            report(image_id, image_uri, message)
+            continue
         mask_uri = listed_mask or storage.join(masks, f"{image_id}.png")
         has_mask = storage.exists(mask_uri)
         if masks_only and not has_mask:
             continue
-        # Read even when the labels come from the file: a bad mask fails here, naming it,
-        # not in the label-quality step after a stage.
-        mask_labels = None
-        if has_mask:
-            mask_labels = labels_from_mask(io.read_label(mask_uri), len(names), mask_uri)
-        source = labels_file if use_file else ""
+        try:
+            # The mask is read here only when the labels come from it; the manifest step's file
+            # check decodes every mask (in parallel) either way.
+            mask_labels = None
+            if has_mask and not use_file:
+                mask_labels = labels_from_mask(io.read_label(mask_uri), len(names), mask_uri)
+            source = labels_file if use_file else ""
+            labels = _voc_labels(image_id, label_table, source, mask_labels, mask_uri, split_file)
+        except (OSError, DataError) as error:
+            report(image_id, mask_uri if has_mask else "", str(error))
+            continue
         yield Record(
             image_id=image_id,
             image_uri=image_uri,
-            labels=_voc_labels(image_id, label_table, source, mask_labels, mask_uri, split_file),
+            labels=labels,
             mask_uri=mask_uri if has_mask else "",
             saliency_uri=_existing(storage.join(root, "saliency", f"{image_id}.png")),
         )
@@ -238,7 +248,11 @@ def render_coco_mask(
 
 
 def coco_records(
-    annotation_json: str, image_dir: str, mask_dir: str, num_classes: int = 0
+    annotation_json: str,
+    image_dir: str,
+    mask_dir: str,
+    num_classes: int = 0,
+    report: Report = raise_problem,
 ) -> Iterator[Record]:
     """Records of a COCO split, in image-id order; semantic masks written once to `mask_dir`.
 
@@ -247,7 +261,8 @@ def coco_records(
     themselves are 255 in the mask, so they are neither trained on as GT nor scored.
     Images without annotations get labels () and an all-background mask.
     Classes: background + the file's categories mapped to 1..K in category-id order (K = 80 for
-    COCO 2014/2017, giving 81 classes); `num_classes` > 0 must be K + 1.
+    COCO 2014/2017, giving 81 classes); `num_classes` > 0 must be K + 1. An image with a
+    problem (no file name or size, a duplicate id, a bad annotation) goes to `report`, left out.
     """
     coco = _load_coco(annotation_json)
     category_map, _ = coco_category_map(coco)
@@ -263,21 +278,27 @@ def coco_records(
         image_info = coco.imgs[image_key]
         file_name = image_info.get("file_name")
         if not file_name or "height" not in image_info or "width" not in image_info:
-            raise DataError(
+            message = (
                 f"COCO annotation file '{annotation_json}': image {image_key} lacks "
                 f"file_name/height/width"
             )
+            report(str(image_key), "", message)
+            continue
         image_id = posixpath.splitext(posixpath.basename(file_name))[0]
         if image_id in seen:
-            raise DataError(
-                f"COCO annotation file '{annotation_json}': duplicate image id '{image_id}'"
-            )
+            message = f"COCO annotation file '{annotation_json}': duplicate image id '{image_id}'"
+            report(image_id, "", message)
+            continue
         seen.add(image_id)
         annotations = coco.imgToAnns.get(image_key, [])
         labels = tuple(sorted({category_map.get(a["category_id"], -1) for a in annotations} - {-1}))
         mask_uri = layout.sharded_uri(mask_dir, image_id)
         if not storage.exists(mask_uri):
-            mask = render_coco_mask(coco, image_info, category_map, annotation_json)
+            try:
+                mask = render_coco_mask(coco, image_info, category_map, annotation_json)
+            except DataError as error:
+                report(image_id, "", str(error))
+                continue
             io.write_png_atomic(mask_uri, mask, palette=palette)
         yield Record(
             image_id=image_id,
@@ -320,13 +341,15 @@ def folder_records(
     class_names: Sequence[str] | str,
     saliency_dir: str = "",
     mask_dir: str = "",
+    report: Report = raise_problem,
 ) -> Iterator[Record]:
     """Records of a plain image folder labelled by a CSV or Parquet table, in table order.
 
     Columns: `image_id`, `labels` (space-separated class names or ids, or a list), optional
     `file_name` (relative to image_dir). Without file_name, an id ending in an image extension
     names the file; otherwise '<id>.jpg' (then .jpeg, .png, ...) is looked up. Optional GT
-    masks `<mask_dir>/<id>.png` (class-id PNGs) are used for scoring where they exist.
+    masks `<mask_dir>/<id>.png` (class-id PNGs) are used for scoring where they exist. A row with
+    a problem (no image file, an unknown class, a duplicate id) goes to `report`, left out.
     """
     names = resolve_class_names(class_names, ())
     if len(names) < 2:
@@ -335,22 +358,27 @@ def folder_records(
         raise DataError(f"labels file not found: '{labels_file}'")
     seen: set[str] = set()
     for row_number, row in iter_label_rows(labels_file):
-        check_label_columns(row, labels_file)
+        check_label_columns(row, labels_file)  # a missing column is the file's, not a row's
         raw_id = str(row["image_id"]).strip()
-        image_id, image_uri = _folder_image_file(image_dir, raw_id, row, labels_file)
+        try:
+            image_id, image_uri = _folder_image_file(image_dir, raw_id, row, labels_file)
+            labels = parse_labels(row["labels"], names, labels_file, image_id)
+        except DataError as error:
+            report(raw_id, "", str(error))
+            continue
         if image_id in seen:
-            raise DataError(
+            message = (
                 f"labels file '{labels_file}', row {row_number}: duplicate image id '{image_id}'"
             )
+            report(image_id, "", message)
+            continue
         seen.add(image_id)
-        mask_uri = _existing(storage.join(mask_dir, f"{image_id}.png") if mask_dir else "")
-        if mask_uri:  # refused here, naming it, rather than when a stage's labels are scored
-            check_label_map(io.read_label(mask_uri), len(names), mask_uri)
         yield Record(
             image_id=image_id,
             image_uri=image_uri,
-            labels=parse_labels(row["labels"], names, labels_file, image_id),
-            mask_uri=mask_uri,
+            labels=labels,
+            # Masks are decoded and checked by the manifest step's file check, in parallel.
+            mask_uri=_existing(storage.join(mask_dir, f"{image_id}.png") if mask_dir else ""),
             saliency_uri=_existing(
                 storage.join(saliency_dir, f"{image_id}.png") if saliency_dir else ""
             ),
@@ -361,13 +389,13 @@ def folder_records(
 # The config's choice
 
 
-def train_records(config: Config) -> Iterator[Record]:
+def train_records(config: Config, report: Report = raise_problem) -> Iterator[Record]:
     """The training images of the configured source (`data.subset` of them when set)."""
-    records = _records(config, config.data.train_split, config.data.coco_annotations)
+    records = _records(config, config.data.train_split, config.data.coco_annotations, report)
     return itertools.islice(records, config.data.subset) if config.data.subset else records
 
 
-def val_records(config: Config) -> Iterator[Record] | None:
+def val_records(config: Config, report: Report = raise_problem) -> Iterator[Record] | None:
     """The validation images with a GT mask (they are scored, never trained on); None when the
     source has no validation split (folder) or none is configured."""
     data = config.data
@@ -377,18 +405,25 @@ def val_records(config: Config) -> Iterator[Record] | None:
             return None
         names = data.class_names or None
         return voc_records(
-            data.root, data.val_split, names, mask_dir=data.mask_dir, masks_only=True
+            data.root,
+            data.val_split,
+            names,
+            mask_dir=data.mask_dir,
+            masks_only=True,
+            report=report,
         )
     if data.source == "folder" or not data.coco_val_annotations:
         return None
-    return _records(config, data.val_split, data.coco_val_annotations)
+    return _records(config, data.val_split, data.coco_val_annotations, report)
 
 
-def _records(config: Config, split: str, coco_json: str) -> Iterator[Record]:
+def _records(config: Config, split: str, coco_json: str, report: Report) -> Iterator[Record]:
     data = config.data
     if data.source == "voc":
         names = data.class_names or None
-        return voc_records(data.root, split, names, data.labels_file, mask_dir=data.mask_dir)
+        return voc_records(
+            data.root, split, names, data.labels_file, mask_dir=data.mask_dir, report=report
+        )
     if data.source == "coco":
         if not coco_json:
             raise ConfigError("config key 'data.coco_annotations': not set (data.source=coco)")
@@ -397,6 +432,7 @@ def _records(config: Config, split: str, coco_json: str) -> Iterator[Record]:
             storage.join(data.root, split),
             layout.coco_masks(config.run_dir, split),
             config.model.num_classes,
+            report=report,
         )
     if not data.labels_file:
         raise ConfigError("config key 'data.labels_file': not set (data.source=folder)")
@@ -406,6 +442,7 @@ def _records(config: Config, split: str, coco_json: str) -> Iterator[Record]:
         data.class_names,
         saliency_dir=data.saliency_dir,
         mask_dir=under_root(data.root, data.mask_dir) if data.mask_dir else "",
+        report=report,
     )
 
 

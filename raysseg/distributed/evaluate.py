@@ -13,7 +13,7 @@ from ray.data.expressions import col
 
 from raysseg.config import Config, from_dict, to_dict
 from raysseg.data import io
-from raysseg.data.records import DataError, class_names_for
+from raysseg.data.records import class_names_for
 from raysseg.data.sources import coco_class_names
 from raysseg.distributed.datasets import inference_pool_options, read_manifest_dataset
 from raysseg.distributed.placement import require_custom_resources
@@ -28,10 +28,15 @@ def label_quality(manifest: str, num_classes: int, batch_size: int = 16) -> dict
 
     Only the images with a GT mask are scored (train_aug has one for every image, a user's split
     may have some): the others are left out, not errors. `scored_images` says how many were
-    scored; with none, the figures are NaN.
+    scored; with none, the figures are NaN. A mask whose size is not its pseudo label's (a file
+    replaced after the manifest step checked it) is not scored and does not stop the stage:
+    `mismatched_masks` counts them and `first_mismatch` names the first, with its image id.
     """
     dataset, _ = read_manifest_dataset(
-        manifest, parallelism=2, columns=["seg_label_uri", "mask_uri"], rows_per_batch=batch_size
+        manifest,
+        parallelism=2,
+        columns=["image_id", "seg_label_uri", "mask_uri"],
+        rows_per_batch=batch_size,
     )
     dataset = dataset.filter(expr=col("mask_uri") != "")
     counts = dataset.map_batches(
@@ -41,26 +46,37 @@ def label_quality(manifest: str, num_classes: int, batch_size: int = 16) -> dict
         batch_format="pandas",
     )
     total = LabelQuality(num_classes)
-    scored = 0
+    scored, mismatches = 0, []
     for row in counts.iter_rows():
         total.merge(LabelQuality.from_array(np.asarray(row["counts"]).reshape(num_classes, -1)))
         scored += int(row["images"])
-    return {**total.compute(), "scored_images": scored}
+        mismatches += list(row["mismatches"])
+    result = {**total.compute(), "scored_images": scored, "mismatched_masks": len(mismatches)}
+    if mismatches:
+        result["first_mismatch"] = mismatches[0]
+    return result
 
 
 def _label_quality_batch(batch, num_classes: int):
     import pandas as pd
 
     quality = LabelQuality(num_classes)
-    for seg_uri, mask_uri in zip(batch["seg_label_uri"], batch["mask_uri"], strict=True):
+    mismatches = []
+    for image_id, seg_uri, mask_uri in zip(
+        batch["image_id"], batch["seg_label_uri"], batch["mask_uri"], strict=True
+    ):
         seg, mask = io.read_label(seg_uri), io.read_label(mask_uri)
         if seg.shape != mask.shape:
-            raise DataError(
-                f"GT mask '{mask_uri}' is (H, W) = {mask.shape}, but the pseudo label "
-                f"'{seg_uri}' of its image is {seg.shape}"
+            mismatches.append(
+                f"image '{image_id}': GT mask '{mask_uri}' is (H, W) = {mask.shape}, but its "
+                f"pseudo label '{seg_uri}' is {seg.shape}"
             )
+            continue
         quality.update(seg, mask)
-    return pd.DataFrame({"counts": [quality.to_array().ravel()], "images": [len(batch)]})
+    scored = len(batch) - len(mismatches)
+    return pd.DataFrame(
+        {"counts": [quality.to_array().ravel()], "images": [scored], "mismatches": [mismatches]}
+    )
 
 
 def evaluate_checkpoint(

@@ -18,9 +18,8 @@ from typing import Any
 
 from raysseg import storage
 from raysseg.config import Config, ConfigError, to_flat_dict
-from raysseg.data.manifest import write_manifest
-from raysseg.data.sources import train_records, val_records
 from raysseg.distributed.evaluate import evaluate_checkpoint, label_quality
+from raysseg.distributed.manifests import build_manifests
 from raysseg.distributed.refine import update_stage_labels
 from raysseg.distributed.train import StageSpec, train_stage
 from raysseg.engine.metrics import as_percent
@@ -118,7 +117,8 @@ def run_step(
 
 
 def _brief(result: dict[str, Any]) -> str:
-    keys = ("images", "written", "errors", "label_miou", "label_scored_images", "val_miou", "miou")
+    keys = ("train_images", "val_images", "problems", "images", "written", "errors")
+    keys += ("label_miou", "label_scored_images", "val_miou", "miou")
     shown = {k: result[k] for k in keys if k in result}
     return " ".join(
         f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()
@@ -155,33 +155,20 @@ def _execute(
 ) -> dict[str, Any]:
     run = config.run_dir
     if step.kind is StepKind.MANIFEST:
-        return build_manifests(config)
+        return build_manifests(config, log)
     if step.kind is StepKind.WARMUP:
         return _train_step(config, step, None, log)
     if step.kind is StepKind.LABELS:
         if full_supervision:
-            return _labels_step(config, step.label_stage, "ground_truth", "")
-        return _labels_step(config, step.label_stage, "initial", step_checkpoint(run, WARMUP))
+            return _labels_step(config, step.label_stage, "ground_truth", "", log)
+        return _labels_step(config, step.label_stage, "initial", step_checkpoint(run, WARMUP), log)
     if step.kind is StepKind.TRAIN:
         # The baseline trains every stage on the GT labels of stage 0.
         return _train_step(config, step, 0 if full_supervision else step.stage, log)
     if step.kind is StepKind.REFINE:
         checkpoint = step_checkpoint(run, train_step(step.stage))
-        return _labels_step(config, step.label_stage, "refine", checkpoint)
+        return _labels_step(config, step.label_stage, "refine", checkpoint, log)
     return _final_step(config)
-
-
-def build_manifests(config: Config) -> dict[str, Any]:
-    counts: dict[str, Any] = {}
-    for split, records in (("train", train_records(config)), ("val", val_records(config))):
-        if records is None:
-            continue
-        counts[f"{split}_images"] = write_manifest(
-            records, layout.dataset_manifest(config.run_dir, split)
-        )
-    if not counts.get("train_images"):
-        raise ConfigError(f"data.root '{config.data.root}': the training split has no images")
-    return counts
 
 
 def _train_step(
@@ -211,7 +198,9 @@ def _train_step(
     return {"checkpoint": final, **metrics, "history": result["history"]}
 
 
-def _labels_step(config: Config, stage: int, mode: str, checkpoint: str) -> dict:
+def _labels_step(
+    config: Config, stage: int, mode: str, checkpoint: str, log: Callable[[str], None]
+) -> dict:
     run = config.run_dir
     in_manifest = (
         layout.dataset_manifest(run, "train")
@@ -228,7 +217,14 @@ def _labels_step(config: Config, stage: int, mode: str, checkpoint: str) -> dict
         label_recall=quality["recall"],
         label_miou=quality["miou"],
         label_scored_images=quality["scored_images"],
+        label_mismatched_masks=quality["mismatched_masks"],
     )
+    if quality["mismatched_masks"]:
+        log(
+            f"{layout.stage_folder(stage)} label quality: {quality['mismatched_masks']} GT mask(s) "
+            f"not scored, of another size than their pseudo label; first: "
+            f"{quality['first_mismatch']}"
+        )
     return summary
 
 

@@ -3,6 +3,7 @@
 run/
   config.yaml                      the resolved config, written first
   manifest/{train,val}/            Parquet manifests of the dataset (Record rows)
+  manifest/problems/               Parquet: the dataset's problems the manifest step found
   manifest.DONE warmup.DONE        done markers of the steps outside a stage (steps.py names them)
   saliency/<shard>/<id>.png        cached prior saliency S0 (computed sources only)
   coco_masks/<split>/<shard>/      GT masks rendered from COCO annotations (COCO sources only)
@@ -133,6 +134,17 @@ def label_file_stage(parts: list[str], kind: str = "seg") -> int | None:
 
 def dataset_manifest(run_dir: str, split: str) -> str:
     return join(run_dir, "manifest", split)
+
+
+def listed_manifest(run_dir: str, split: str) -> str:
+    """A split's items as the source listed them, before the manifest step checked their files
+    (removed once the checked manifest is written)."""
+    return join(run_dir, "manifest", f"{split}_listed")
+
+
+def problems_table(run_dir: str) -> str:
+    """Parquet: every problem the manifest step found (split, image id, file, message)."""
+    return join(run_dir, "manifest", "problems")
 
 
 def stage_manifest(run_dir: str, stage: int) -> str:
