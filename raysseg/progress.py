@@ -85,6 +85,7 @@ __all__ = ["ProgressMeter", "format_duration"]
 # Keys of a training epoch's metrics that are not loss terms.
 _NOT_LOSSES = frozenset(
     {"lr", "steps", "images", "seconds", "images_per_s", "epoch", "stage", "val_miou"}
+    | {"unreadable", "val_unreadable"}
 )
 
 
@@ -106,6 +107,10 @@ def epoch_line(label: str, metrics: dict, epochs: int, elapsed: float, seconds_l
     ]
     if isinstance(metrics.get("val_miou"), (int, float)):
         parts.append(f"val mIoU {100.0 * metrics['val_miou']:.2f}%")
+    if metrics.get("unreadable"):
+        parts.append(f"{int(metrics['unreadable'])} unreadable images replaced")
+    if metrics.get("val_unreadable"):
+        parts.append(f"{int(metrics['val_unreadable'])} unreadable val images left out")
     return ", ".join(parts)
 
 

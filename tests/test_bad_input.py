@@ -449,6 +449,34 @@ def test_label_quality_records_a_mask_of_another_size_with_its_image_id(local_ra
     assert quality["recall"] == pytest.approx(0.5)  # half of each scored mask's pixels labelled 1
 
 
+@pytest.mark.ray
+def test_training_stops_with_one_line_when_images_broke_after_the_manifest(local_ray, tmp_path):
+    """2 of 8 JPEGs truncated after the manifest step: the warm-up trains on stand-ins, counts
+    them, and past the error budget stops after the epoch with a DataError naming the first
+    file (no Ray Train retries of the same epoch, no traceback from the workers)."""
+    from raysseg.distributed.train import StageSpec, train_stage
+    from raysseg.distributed.train_progress import read_progress
+
+    data = tmp_path / "synth"
+    generate_synthetic(str(data), n_train=8, n_val=0, size=40, seed=5)
+    config = tiny_config(data, tmp_path / "run", "resources.error_budget=0.1")
+    manifest = layout.dataset_manifest(config.run_dir, "train")
+    write_manifest(voc_records(str(data), "train"), manifest)
+    for index in (2, 6):
+        jpeg = data / "JPEGImages" / f"train_{index:06d}.jpg"
+        jpeg.write_bytes(jpeg.read_bytes()[:150])
+    storage_path = tmp_path / "run" / "warmup" / "train"
+    spec = StageSpec("warmup", "warmup", manifest, "", "", 2, str(storage_path))
+    with pytest.raises(DataError) as failure:
+        train_stage(config, spec)
+    message = str(failure.value)
+    assert message.startswith("stage warmup, epoch 1: 2 of 8 training images could not be read")
+    assert "resources.error_budget = 10.0%" in message and "train_00000" in message
+    # The failing epoch left no checkpoint and no history row: a rerun trains it again.
+    assert read_progress(layout.train_progress(str(storage_path)))["history"] == []
+    assert not list(storage_path.rglob("checkpoint_*"))
+
+
 # ---------------------------------------------------------------------------------------------
 # Configs and run directories
 

@@ -170,3 +170,32 @@ def test_worker_processes_draw_new_crops_each_epoch_and_replay_an_epoch(tmp_path
     assert all(torch.equal(first[key], replay[key]) for key in first)
     dataset.set_epoch(1)
     assert torch.equal(second["im2"], dataset[2]["image"])
+
+
+def test_an_unreadable_image_is_replaced_in_training_and_left_out_in_eval(tmp_path):
+    """A file that broke after the manifest step: training gets the next readable item, with the
+    broken one's augmentation and its error under "unreadable"; eval gets the error alone."""
+    records = _records(tmp_path, count=4)
+    (tmp_path / "im1.png").write_bytes(b"")  # zero bytes
+    (tmp_path / "im2.png").write_bytes((tmp_path / "im0.png").read_bytes()[:60])  # truncated
+    with pytest.raises(OSError, match=r"im1\.png': the file is empty"):
+        _dataset(records, "train")[1]  # the default: stop, naming the file
+    train = _dataset(records, "train", skip_unreadable=True)
+    assert train[0]["unreadable"] == "" and train[0]["image_id"] == "im0"
+    stand_in = train[1]
+    assert stand_in["image_id"] == "im3"  # im2 is broken too
+    assert "im1.png': the file is empty" in stand_in["unreadable"]
+    assert stand_in["image"].shape == train[0]["image"].shape  # batches keep their size
+    batch = collate([train[0], train[1]])
+    assert batch["unreadable"][0] == "" and "im1.png" in batch["unreadable"][1]
+    evaluation = _dataset(records, "eval", skip_unreadable=True)
+    assert (
+        set(evaluation[2]) == {"image_id", "unreadable"}
+        and "im2.png" in evaluation[2]["unreadable"]
+    )
+    assert evaluation[3]["unreadable"] == "" and "gt" in evaluation[3]
+    # Nothing readable within STAND_IN_TRIES: the error names the file and says so.
+    for index in (0, 3):
+        (tmp_path / f"im{index}.png").write_bytes(b"")
+    with pytest.raises(DataError, match=r"im0\.png'.*none of the 8 items after it"):
+        train[0]

@@ -100,6 +100,20 @@ def test_bad_mode_is_rejected():
         train_one_epoch(model, optimizer, None, [], CPU, LossConfig(), mode="cls")
 
 
+def test_unreadable_items_are_counted_and_the_first_error_kept():
+    model = FakeSegNet()
+    optimizer = build_optimizer(model, OptimConfig(lr=0.01))
+    batches = tiny_batches(num_batches=3)
+    marks = (["", ""], ["", "cannot read image 'a.jpg'"], ["x", "y"])
+    for batch, unreadable in zip(batches, marks, strict=True):
+        batch["unreadable"] = unreadable
+    result = train_one_epoch(model, optimizer, None, batches, CPU, LossConfig())
+    assert result["unreadable"] == 3 and result["first_unreadable"] == "cannot read image 'a.jpg'"
+    assert result["steps"] == 3 and result["images"] == 6  # stand-ins are trained on
+    clean = train_one_epoch(model, optimizer, None, tiny_batches(), CPU, LossConfig())
+    assert clean["unreadable"] == 0 and "first_unreadable" not in clean
+
+
 def test_amp_falls_back_to_full_precision_on_cpu():
     assert resolve_amp_dtype(CPU, amp=True, amp_dtype=torch.float16) is None
     assert make_grad_scaler(CPU, amp=True) is None
@@ -128,6 +142,15 @@ def test_evaluate_perfect_model_scores_one():
     assert result["pixel_accuracy"] == pytest.approx(1.0)
     assert len(result["iou"]) == 4
     assert result["confusion"].to_array().sum() == 3 * (9 * 11 - 6)
+    assert result["unreadable"] == 0
+
+
+def test_evaluate_leaves_out_an_unreadable_image_and_counts_it():
+    batches = _class_batches()
+    batches.insert(1, {"image_id": ["val_x"], "unreadable": ["cannot read image 'x.jpg'"]})
+    result = evaluate(OracleSegNet(4), batches, CPU, num_classes=4)
+    assert result["unreadable"] == 1
+    assert result["confusion"].to_array().sum() == 3 * (9 * 11 - 6)  # the 3 readable ones
 
 
 class ConstantModel(nn.Module):

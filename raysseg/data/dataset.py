@@ -26,6 +26,8 @@ from raysseg.data.records import DataError, Record, check_label_map, labels_to_m
 from raysseg.data.transforms import normalize, to_tensor, train_transform
 
 MODES = ("warmup", "train", "eval")
+# How far a training item that cannot be read looks for a stand-in (the next items of the manifest).
+STAND_IN_TRIES = 8
 
 
 class StageDataset(torch.utils.data.Dataset):
@@ -47,6 +49,7 @@ class StageDataset(torch.utils.data.Dataset):
         flip: bool = True,
         color_jitter: float = 0.3,
         seed: int = 0,
+        skip_unreadable: bool = False,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"StageDataset mode must be one of {MODES}, got {mode!r}")
@@ -59,6 +62,7 @@ class StageDataset(torch.utils.data.Dataset):
         self.flip = flip
         self.color_jitter = color_jitter
         self.seed = seed
+        self.skip_unreadable = skip_unreadable
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -74,8 +78,23 @@ class StageDataset(torch.utils.data.Dataset):
         return np.random.default_rng([self.seed, epoch, index])
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
-        """`dataset[index]` (at `self.epoch`) or `dataset[epoch, index]` (what loaders pass)."""
+        """`dataset[index]` (at `self.epoch`) or `dataset[epoch, index]` (what loaders pass).
+
+        With `skip_unreadable`, an item whose files fail to decode does not stop the loader: its
+        "unreadable" key carries the error (every item has the key, "" when sound). Eval returns
+        only the id and the error; training returns a stand-in, the next readable item of the
+        manifest with the failed item's augmentation, so every batch keeps its size (ranks of a
+        DDP stage must run the same number of steps).
+        """
         epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
+        try:
+            return self._item(epoch, index, self.item_rng(epoch, index))
+        except (OSError, DataError) as error:
+            if not self.skip_unreadable:
+                raise
+            return self._stand_in(epoch, index, str(error))
+
+    def _item(self, epoch: int, index: int, rng: np.random.Generator) -> dict:
         record = self.records[index]
         image = io.read_image(record.image_uri)
         item = {
@@ -85,8 +104,25 @@ class StageDataset(torch.utils.data.Dataset):
         if self.mode == "eval":
             item.update(self._eval_item(record, image))
         else:
-            item.update(self._train_item(record, image, self.item_rng(epoch, index)))
+            item.update(self._train_item(record, image, rng))
+        if self.skip_unreadable:
+            item["unreadable"] = ""
         return item
+
+    def _stand_in(self, epoch: int, index: int, message: str) -> dict:
+        if self.mode == "eval":
+            return {"image_id": self.records[index].image_id, "unreadable": message}
+        for offset in range(1, STAND_IN_TRIES + 1):
+            try:
+                item = self._item(epoch, (index + offset) % len(self), self.item_rng(epoch, index))
+            except (OSError, DataError):
+                continue
+            item["unreadable"] = message
+            return item
+        raise DataError(
+            f"{message}; and none of the {STAND_IN_TRIES} items after it in the manifest can be "
+            "read either"
+        )
 
     def _eval_item(self, record: Record, image: np.ndarray) -> dict:
         if not record.mask_uri:
@@ -143,7 +179,9 @@ class StageDataset(torch.utils.data.Dataset):
 def build_stage_dataset(
     records: Sequence[Record], mode: str, data: DataConfig, num_classes: int, seed: int
 ) -> StageDataset:
-    """A StageDataset with the augmentation settings of `config.data`."""
+    """A StageDataset with the augmentation settings of `config.data`, as a stage reads it: an
+    image that no longer decodes (changed after the manifest step checked it) is skipped and
+    counted, not a crash of the stage (`skip_unreadable`)."""
     return StageDataset(
         records,
         mode=mode,
@@ -154,6 +192,7 @@ def build_stage_dataset(
         flip=data.flip,
         color_jitter=data.color_jitter,
         seed=seed,
+        skip_unreadable=True,
     )
 
 
@@ -301,6 +340,7 @@ def collate(items: list[dict]) -> dict:
 
 __all__ = [
     "MODES",
+    "STAND_IN_TRIES",
     "BlockShuffleSampler",
     "EpochSampler",
     "StageDataset",

@@ -13,7 +13,8 @@ from ray.data.expressions import col
 
 from raysseg.config import Config, from_dict, to_dict
 from raysseg.data import io
-from raysseg.data.records import class_names_for
+from raysseg.data.checks import over_budget
+from raysseg.data.records import DataError, check_label_map, class_names_for
 from raysseg.data.sources import coco_class_names
 from raysseg.distributed.datasets import inference_pool_options, read_manifest_dataset
 from raysseg.distributed.placement import require_custom_resources
@@ -87,7 +88,11 @@ def evaluate_checkpoint(
     crf: bool = True,
     manifest: str = "",
 ) -> dict[str, Any]:
-    """Val mIoU of a checkpoint with the test-time recipe of METHOD.md (or single scale, no CRF)."""
+    """Val mIoU of a checkpoint with the test-time recipe of METHOD.md (or single scale, no CRF).
+
+    An image or mask that cannot be read (or whose mask is not the image's size) is left out and
+    counted ("unreadable", "first_unreadable"); past `resources.error_budget` it is a DataError.
+    """
     manifest = manifest or layout.dataset_manifest(config.run_dir, "val")
     resources = config.resources
     require_custom_resources(resources, ["refine"])
@@ -106,15 +111,28 @@ def evaluate_checkpoint(
     )
     num_classes = config.model.num_classes
     confusion = ConfusionMatrix(num_classes)
+    images, unreadable = 0, []
     for row in matrices.iter_rows():
         matrix = np.asarray(row["confusion"]).reshape(num_classes, num_classes)
         confusion.merge(ConfusionMatrix.from_array(matrix))
-    return {
+        images += int(row["images"])
+        unreadable += list(row["unreadable"])
+    if over_budget(len(unreadable), images, resources.error_budget):
+        raise DataError(
+            f"evaluation of '{manifest}': {len(unreadable)} of {images} images could not be read, "
+            f"over the error budget (resources.error_budget = {resources.error_budget:.1%}); "
+            f"first: {unreadable[0]}"
+        )
+    scores = {
         "miou": confusion.miou(),
         "iou": confusion.iou().tolist(),
         "pixel_accuracy": confusion.pixel_accuracy(),
         "table": confusion.table(_class_names(config)),
+        "unreadable": len(unreadable),
     }
+    if unreadable:
+        scores["first_unreadable"] = unreadable[0]
+    return scores
 
 
 def _class_names(config: Config) -> list[str] | None:
@@ -141,9 +159,23 @@ class _Scorer:
     def __call__(self, batch):
         import pandas as pd
 
-        confusion = ConfusionMatrix(self.config.model.num_classes)
+        num_classes = self.config.model.num_classes
+        confusion = ConfusionMatrix(num_classes)
+        unreadable = []
         for image_uri, mask_uri in zip(batch["image_uri"], batch["mask_uri"], strict=True):
-            image = io.read_image(image_uri)
+            try:
+                image = io.read_image(image_uri)
+                mask = io.read_label(mask_uri)
+                check_label_map(mask, num_classes, mask_uri, image.shape, image_uri)
+            except (OSError, DataError) as error:
+                unreadable.append(str(error))
+                continue
             prediction = predict_label(self.model, image, self.config, self.multiscale, self.crf)
-            confusion.update(prediction, io.read_label(mask_uri))
-        return pd.DataFrame({"confusion": [confusion.to_array().ravel()]})
+            confusion.update(prediction, mask)
+        return pd.DataFrame(
+            {
+                "confusion": [confusion.to_array().ravel()],
+                "images": [len(batch)],
+                "unreadable": [unreadable],
+            }
+        )

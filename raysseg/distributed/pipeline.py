@@ -117,7 +117,7 @@ def run_step(
 
 
 def _brief(result: dict[str, Any]) -> str:
-    keys = ("train_images", "val_images", "problems", "images", "written", "errors")
+    keys = ("train_images", "val_images", "problems", "images", "written", "errors", "unreadable")
     keys += ("label_miou", "label_scored_images", "val_miou", "miou")
     shown = {k: result[k] for k in keys if k in result}
     return " ".join(
@@ -236,7 +236,8 @@ def _final_step(config: Config) -> dict:
     result = evaluate_checkpoint(
         config, step_checkpoint(config.run_dir, last), multiscale=True, crf=True
     )
-    return {"miou": result["miou"], "iou": result["iou"], "table": result["table"]}
+    kept = ("miou", "iou", "table", "unreadable", "first_unreadable")
+    return {key: result[key] for key in kept if key in result}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -32,8 +32,10 @@ from ray.train.torch import TorchTrainer
 from torch.utils.data import DataLoader
 
 from raysseg.config import Config, from_dict, to_dict
+from raysseg.data.checks import over_budget
 from raysseg.data.dataset import EpochSampler, build_stage_dataset, build_train_loader, collate
 from raysseg.data.manifest import ManifestRows
+from raysseg.data.records import DataError
 from raysseg.distributed.placement import require_custom_resources, train_worker_resources
 from raysseg.distributed.storage import train_storage, uri_in_storage
 from raysseg.distributed.train_progress import ProgressWatcher, open_writer, read_progress
@@ -107,13 +109,16 @@ def train_stage(
     else:
         with ProgressWatcher(progress_path, label or spec.name, log):
             result = trainer.fit()
+    progress = read_progress(progress_path)
+    if progress.get("data_error"):
+        raise DataError(progress["data_error"])
     if result.checkpoint is None:
         raise RuntimeError(f"stage {spec.name}: training finished without a checkpoint")
     # Ray reports the path inside the storage filesystem ("bucket/run/..." on S3).
     checkpoint_uri = uri_in_storage(
         spec.storage_path, posixpath.join(result.checkpoint.path, CHECKPOINT_FILE)
     )
-    history = read_progress(progress_path).get("history", [])
+    history = progress.get("history", [])
     return {"checkpoint": checkpoint_uri, "metrics": dict(result.metrics or {}), "history": history}
 
 
@@ -186,9 +191,21 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
             on_progress=tick if progress is not None else None,
             progress_seconds=config.resources.progress_seconds,
         )
+        first_unreadable = metrics.get("first_unreadable", "")
         metrics = {**_mean_across_workers(metrics, device), "epoch": epoch, "stage": spec.name}
+        # Every rank holds the same summed count, so all of them stop at the same epoch.
+        unreadable = int(metrics["unreadable"])
+        if over_budget(unreadable, int(metrics["images"]), config.resources.error_budget):
+            if progress is not None:
+                progress.data_error(
+                    f"stage {spec.name}, epoch {epoch + 1}: {unreadable} of "
+                    f"{int(metrics['images'])} training images could not be read, over the error "
+                    f"budget (resources.error_budget = {config.resources.error_budget:.1%}); "
+                    f"first: {first_unreadable or 'on another worker'}"
+                )
+            return  # without this epoch's checkpoint: the stage's last one stays the newest
         if epoch == spec.epochs - 1 and spec.val_manifest and not warmup:
-            metrics["val_miou"] = _validate(
+            metrics["val_miou"], metrics["val_unreadable"] = _validate(
                 model, config, spec.val_manifest, device, rank, world_size
             )
         if progress is not None:
@@ -228,7 +245,7 @@ def _mean_across_workers(metrics: dict[str, float], device: torch.device) -> dic
     values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(values)
     world = dist.get_world_size()
-    summed = {"images", "images_per_s"}
+    summed = {"images", "images_per_s", "unreadable"}
     return {k: v if k in summed else v / world for k, v in zip(keys, values.tolist(), strict=True)}
 
 
@@ -239,21 +256,26 @@ def _validate(
     device: torch.device,
     rank: int,
     world_size: int,
-) -> float:
-    """Single-scale val mIoU: each worker scores its shard, one all-reduce of the confusion matrix."""
+) -> tuple[float, int]:
+    """(single-scale val mIoU, val images that could not be read and were left out): each worker
+    scores its shard, one all-reduce of the confusion matrix and the count."""
     records = ManifestRows(manifest)
     dataset = build_stage_dataset(records, "eval", config.data, config.model.num_classes, 0)
     # A range is a sampler too: this worker's share, in manifest order, without an index list.
     shard = range(rank, len(records), world_size)
     loader = DataLoader(dataset, batch_size=1, sampler=shard, collate_fn=collate)
+    confusion, unreadable = ConfusionMatrix(config.model.num_classes), 0
     if len(shard):
-        confusion = evaluate(model, loader, device, config.model.num_classes)["confusion"]
-    else:
-        confusion = ConfusionMatrix(config.model.num_classes)
-    matrix = torch.as_tensor(confusion.to_array(), dtype=torch.float64, device=device)
+        scores = evaluate(model, loader, device, config.model.num_classes)
+        confusion, unreadable = scores["confusion"], scores["unreadable"]
+    # The count rides in the matrix's all-reduce as one extra element.
+    flat = np.append(confusion.to_array().ravel(), unreadable)
+    summed = torch.as_tensor(flat, dtype=torch.float64, device=device)
     if dist.is_initialized():
-        dist.all_reduce(matrix)
-    return ConfusionMatrix.from_array(matrix.cpu().numpy()).miou()
+        dist.all_reduce(summed)
+    summed = summed.cpu().numpy()
+    matrix = summed[:-1].reshape(confusion.to_array().shape)
+    return ConfusionMatrix.from_array(matrix).miou(), int(summed[-1])
 
 
 def _report_with_checkpoint(

@@ -33,6 +33,7 @@ class ProgressWriter:
     epochs: int
     history: list[dict[str, Any]] = field(default_factory=list)
     ticks: int = 0
+    failure: str = ""
 
     def epoch_done(self, metrics: dict[str, Any]) -> None:
         self.history.append({k: v for k, v in metrics.items() if _is_number(v)})
@@ -49,6 +50,12 @@ class ProgressWriter:
         }
         self._write(current)
 
+    def data_error(self, message: str) -> None:
+        """The stage stops on bad data: the driver raises `message` as a DataError once fit()
+        returns (raised in the workers, Ray Train would retry the same epoch max_failures times)."""
+        self.failure = message
+        self._write(current=None)
+
     def _write(self, current: dict[str, Any] | None) -> None:
         self.ticks += 1
         state = {
@@ -57,6 +64,8 @@ class ProgressWriter:
             "current": current,
             "tick": self.ticks,
         }
+        if self.failure:
+            state["data_error"] = self.failure
         storage.write_bytes_atomic(self.path, json.dumps(state).encode())
 
 

@@ -126,7 +126,9 @@ def train_one_epoch(
 
     mode "train" trains all heads on the batch's "seg"/"sal" pseudo labels; mode "warmup" (stage 0a)
     runs only the classification branch on the image labels. Returns the mean of every loss term,
-    the lr after the last step, "steps", "images", "seconds" and "images_per_s".
+    the lr after the last step, "steps", "images", "seconds", "images_per_s" and "unreadable" (items
+    that could not be read and were trained on as a stand-in, `StageDataset.skip_unreadable`; with
+    "first_unreadable", the first one's error, when there were any).
     Raises NonFiniteLossError naming the step and image ids when the loss is NaN/inf.
     """
     if mode not in MODES:
@@ -142,11 +144,13 @@ def train_one_epoch(
         None  # running sums of the loss terms, kept on device (one sync/step)
     )
     steps = images_seen = 0
+    unreadable: list[str] = []
     start = time.perf_counter()
     next_progress = start + progress_seconds
     for batch in loader:
         if max_steps is not None and steps >= max_steps:
             break
+        unreadable += [message for message in batch.get("unreadable", ()) if message]
         losses = _train_step(model, batch, device, loss_weights, mode, dtype, sal_binarize, loss_fn)
         if not names:
             names = list(losses)
@@ -179,14 +183,18 @@ def train_one_epoch(
             next_progress = time.perf_counter() + progress_seconds
     seconds = time.perf_counter() - start
     means = {} if sums is None else dict(zip(names, (sums / steps).tolist(), strict=True))
-    return {
+    result = {
         **means,
         "lr": _current_lr(optimizer),
         "steps": steps,
         "images": images_seen,
         "seconds": seconds,
         "images_per_s": images_seen / seconds if seconds > 0 else 0.0,
+        "unreadable": len(unreadable),
     }
+    if unreadable:
+        result["first_unreadable"] = unreadable[0]
+    return result
 
 
 def _segmentation_logits(
@@ -209,17 +217,22 @@ def evaluate(
 ) -> dict[str, Any]:
     """Single-scale mIoU of argmax(refined segmentation) against the batch's "gt" maps.
 
-    Returns {"miou", "iou" (per-class list, NaN for absent classes), "pixel_accuracy", "confusion"}.
-    Distributed callers all-reduce `confusion.to_array()` and rebuild with
-    `ConfusionMatrix.from_array`.
+    Returns {"miou", "iou" (per-class list, NaN for absent classes), "pixel_accuracy", "confusion",
+    "unreadable"} (images that could not be read are skipped and counted; see
+    `StageDataset.skip_unreadable`). Distributed callers all-reduce `confusion.to_array()` and
+    rebuild with `ConfusionMatrix.from_array`.
     """
     device = torch.device(device)
     dtype = resolve_amp_dtype(device, amp, None)
     model.eval()
     confusion = ConfusionMatrix(num_classes)
+    unreadable = 0
     for step, batch in enumerate(loader):
         if max_steps is not None and step >= max_steps:
             break
+        if any(batch.get("unreadable", ())):
+            unreadable += 1  # eval batches hold one image (full size)
+            continue
         images = batch["image"].to(device, non_blocking=True)
         gt = batch["gt"]  # (B, H, W) int64, 255 = ignore
         with autocast_for(device, dtype):
@@ -230,6 +243,7 @@ def evaluate(
         "iou": confusion.iou().tolist(),
         "pixel_accuracy": confusion.pixel_accuracy(),
         "confusion": confusion,
+        "unreadable": unreadable,
     }
 
 
