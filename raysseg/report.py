@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import itertools
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from raysseg import storage
 from raysseg.config import Config
 from raysseg.data import io
 from raysseg.data.manifest import read_manifest
@@ -96,7 +98,7 @@ def write_label_grid(config: Config, path: Path, rows: int = 6) -> None:
 def plot_campaign(
     rows: list[dict[str, Any]], keys: tuple[str, ...], objectives: tuple[str, ...], folder: str
 ) -> list[str]:
-    """Figures of a tuning campaign; returns the written paths (local folder)."""
+    """Figures of a tuning campaign; returns the written paths or URIs."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -204,8 +206,11 @@ def _plot_pareto(plt, rows: list[dict], objectives: tuple[str, ...], folder: str
 
 
 def _save(plt, figure, folder: str, name: str) -> str:
-    path = str(Path(folder) / name)
+    """PNG bytes through raysseg.storage: a campaign folder may be on object storage."""
+    uri = storage.join(folder, name)
+    buffer = BytesIO()
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    figure.savefig(buffer, format="png", dpi=110)
     plt.close(figure)
-    return path
+    storage.write_bytes_atomic(uri, buffer.getvalue())
+    return uri

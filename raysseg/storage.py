@@ -180,6 +180,15 @@ def list_files(uri: str, suffix: str = "") -> list[str]:
     return [join(uri, name) for name in names]
 
 
+def list_dirs(uri: str) -> list[str]:
+    """Sorted names of the folders directly inside folder `uri` ([] when it does not exist)."""
+    filesystem, path = resolve(uri)
+    infos = filesystem.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    return sorted(
+        posixpath.basename(info.path) for info in infos if info.type == pafs.FileType.Directory
+    )
+
+
 def delete_file(uri: str) -> None:
     filesystem, path = resolve(uri)
     filesystem.delete_file(path)
@@ -340,6 +349,7 @@ __all__ = [
     "is_temp_name",
     "is_uri",
     "join",
+    "list_dirs",
     "list_files",
     "makedirs",
     "open_text",

@@ -122,7 +122,9 @@ def campaign(tiny_data_factory, tmp_path_factory, own_ray_temp_dir) -> dict:
     root = tmp_path_factory.mktemp("tune")
     campaign_dir = root / "campaign"
     space = root / "space.yaml"
-    space.write_text(yaml.safe_dump(SPACE))
+    # The study in an RDB (SQLite here, PostgreSQL on a cluster): rebuilt at the rerun's start.
+    study_url = f"sqlite:///{root / 'study.db'}"
+    space.write_text(yaml.safe_dump({**SPACE, "tune": {**SPACE["tune"], "storage": study_url}}))
     env = {
         **os.environ,
         "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
@@ -149,7 +151,7 @@ def campaign(tiny_data_factory, tmp_path_factory, own_ray_temp_dir) -> dict:
     kept = {row["trial"]: row for row in first}
     trials = (campaign_dir / "trials").glob("trial_*")
     cut_off = sorted(p.name for p in trials if p.name not in kept and (p / "trial.json").exists())
-    marker_times = {name: _markers(campaign_dir / "trials" / name) for name in kept}
+    marker_times = {name: _markers(campaign_dir / "trials" / name) for name in [*kept, *cut_off]}
 
     rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1200)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
@@ -159,6 +161,7 @@ def campaign(tiny_data_factory, tmp_path_factory, own_ray_temp_dir) -> dict:
         "marker_times": marker_times,
         "cut_off": cut_off,
         "rerun_stdout": rerun.stdout,
+        "study_url": study_url,
     }
 
 
@@ -223,9 +226,10 @@ def test_killed_campaign_resumes_with_history(campaign) -> None:
         assert by_name[name]["val_miou"] == row["val_miou"]
         assert by_name[name]["status"] == row["status"]
         assert _markers(campaign_dir / "trials" / name) == campaign["marker_times"][name]
-    study = open_study(str(campaign_dir))
-    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
-    assert len(complete) == TRIALS
+    study = open_study(str(campaign_dir), campaign["study_url"])
+    # Nothing left RUNNING, WAITING or FAILED: the rebuilt study holds exactly the table.
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * TRIALS
+    complete = study.trials
     assert {t.user_attrs["run_name"] for t in complete} == set(by_name)
     for trial in complete:
         assert trial.params == pytest.approx(by_name[trial.user_attrs["run_name"]]["params"])
@@ -235,3 +239,11 @@ def test_killed_campaign_resumes_with_history(campaign) -> None:
     cut_off = campaign["cut_off"]
     assert cut_off and set(cut_off) <= set(by_name)
     assert f"rerunning {len(cut_off)} trial(s) cut off earlier: {', '.join(cut_off)}" in stdout
+    for name in cut_off:
+        run = campaign_dir / "trials" / name
+        # Its steps finished before the kill were skipped, not redone (their markers untouched),
+        # and it kept the values it started with.
+        before = campaign["marker_times"][name]
+        assert {k: v for k, v in _markers(run).items() if k in before} == before
+        values = json.loads((run / "trial.json").read_text())["params"]
+        assert values == pytest.approx(by_name[name]["params"])

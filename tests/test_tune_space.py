@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import optuna
 import pytest
 
 from raysseg.config import Config, ConfigError
@@ -17,7 +18,15 @@ from raysseg.tuning.space import (
     parse_space,
     trial_config,
 )
-from raysseg.tuning.study import TrialNames, write_trial_values, written_trials
+from raysseg.tuning.study import (
+    STUDY_NAME,
+    TrialNames,
+    open_study,
+    rebuild_study,
+    study_location,
+    write_trial_values,
+    written_trials,
+)
 
 
 @pytest.mark.parametrize(
@@ -81,6 +90,8 @@ def test_space_keys_are_checked_against_the_config(space, message) -> None:
         ({"start_points": [{"loss.w_sal": 50.0}]}, r"loss\.w_sal=50\.0 is outside"),
         ({"start_points": [{"loss.w_cls": 1.0}]}, "not a searched key"),
         ({"max_trials": 3}, "tune.max_trials"),
+        ({"storage": "s3://bucket/study.journal"}, r"tune\.storage.*object store cannot hold"),
+        ({"storage": 5}, r"tune\.storage.*expected a URL or a path"),
     ],
 )
 def test_tune_settings_are_checked(tune, message) -> None:
@@ -195,3 +206,46 @@ def test_a_rerun_names_its_new_trials_with_the_lowest_free_names(tmp_path) -> No
     assert taken == {"trial_0000", "trial_0001", "trial_0003"}
     names = TrialNames(taken)
     assert [names.next(), names.next()] == ["trial_0002", "trial_0004"]
+
+
+def test_a_campaign_on_object_storage_needs_a_study_storage() -> None:
+    with pytest.raises(ConfigError, match=r"s3://b/c' is on object storage.*'tune\.storage'"):
+        study_location("s3://b/c", TuneSettings())
+    assert study_location("s3://b/c", TuneSettings(storage="sqlite:////x.db")) == "sqlite:////x.db"
+    assert study_location("/c", TuneSettings()) == "/c/optuna/study.journal"
+
+
+def test_an_rdb_study_is_rebuilt_from_the_table_at_every_start(tmp_path) -> None:
+    """SQLite, as a cluster's PostgreSQL would be: the table's trials (values, per-stage
+    intermediates, run names), the interrupted trial queued under its name, and only the start
+    points no trial has tried; a stale trial of the previous start is gone after the rebuild."""
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    tune = {
+        "storage": url,
+        "objectives": ["val_miou"],
+        "start_points": [{"loss.w_sal": 1.0}, {"loss.w_sal": 3.0}],
+    }
+    space = parse_space(
+        {"loss.w_sal": "loguniform(0.1, 10)", "loss.w_seg": [0.5, 2.0]}, tune, Config()
+    )
+    finished = {**_row("trial_0000", 0.5, 1.0), "val_miou_per_stage": [0.4, 0.5]}
+    finished["params"] = {"loss.w_sal": 1.0, "loss.w_seg": 0.7}  # start point 1, w_seg drawn
+    pending = {"trial_0001": {"loss.w_sal": 2.0, "loss.w_seg": 1.1}}
+    storage = rebuild_study("/unused", space, [finished], pending)
+    study = optuna.load_study(study_name=STUDY_NAME, storage=storage)
+    states = [t.state.name for t in study.trials]
+    assert states == ["COMPLETE", "WAITING", "WAITING"]
+    queued = [(t.params or t.system_attrs["fixed_params"]) for t in study.trials[1:]]
+    assert queued == [pending["trial_0001"], {"loss.w_sal": 3.0}]  # start point 1 was tried
+    study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL))  # stale
+
+    second = {**_row("trial_0001", 0.6, 1.0), "val_miou_per_stage": [0.6]}
+    second["params"] = pending["trial_0001"]
+    third = {**_row("trial_0002", 0.4, 1.0), "val_miou_per_stage": [0.4]}
+    third["params"] = {"loss.w_sal": 3.0, "loss.w_seg": 1.9}
+    rebuild_study("/unused", space, [finished, second, third], {})
+    trials = open_study("/unused", url).trials
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 3  # nothing stale, nothing queued
+    assert [t.user_attrs["run_name"] for t in trials] == ["trial_0000", "trial_0001", "trial_0002"]
+    assert [t.value for t in trials] == [0.5, 0.6, 0.4]
+    assert trials[0].intermediate_values == {1: 0.4, 2: 0.5}

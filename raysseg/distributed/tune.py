@@ -29,8 +29,9 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from raysseg import storage
-from raysseg.config import RESUMABLE_KEYS, Config, ConfigError, to_flat_dict
+from raysseg.config import RESUMABLE_KEYS, Config, to_flat_dict
 from raysseg.distributed.pipeline import resolve_run_config, run_step
+from raysseg.distributed.storage import train_storage
 from raysseg.rundir import campaign as campaign_layout
 from raysseg.rundir.markers import is_done, read_result, write_result
 from raysseg.rundir.prepare import prepare_run_dir
@@ -58,6 +59,7 @@ from raysseg.tuning.study import (
     check_campaign,
     interrupted_trials,
     rebuild_study,
+    study_location,
     write_trial_values,
     written_trials,
 )
@@ -75,6 +77,7 @@ def run_campaign(
     """Run (or resume) a campaign until `trials` trials are finished; write the table, best.yaml, plots."""
     log = log or print_line
     campaign = _campaign_dir(base)
+    study_location(campaign, space.settings)  # a campaign on object storage needs tune.storage
     base = resolve_run_config(base, log)  # one saliency prior for every trial, resolved here
     check_campaign(campaign, base, space)
     rows = read_results(campaign)
@@ -89,12 +92,7 @@ def run_campaign(
 
 
 def _campaign_dir(base: Config) -> str:
-    if storage.is_uri(base.run_dir):
-        raise ConfigError(
-            f"config key 'run_dir': '{base.run_dir}' is a URI; a campaign folder must be a local or "
-            "mounted path (the Optuna study is a journal file)"
-        )
-    return os.path.abspath(base.run_dir)
+    return base.run_dir if storage.is_uri(base.run_dir) else os.path.abspath(base.run_dir)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -128,8 +126,11 @@ def _run_trials(
     )
     stopped: set[str] = set()
     scheduler = _scheduler(space, base, stopped, log)
+    share = _share_warmups(base, space, campaign, log)
     trainable = ray.tune.with_resources(
-        ray.tune.with_parameters(run_trial, base=base, settings=settings, campaign=campaign),
+        ray.tune.with_parameters(
+            run_trial, base=base, settings=settings, campaign=campaign, share_warmups=share
+        ),
         {"CPU": settings.trial_cpus},
     )
     tuner = ray.tune.Tuner(
@@ -143,7 +144,7 @@ def _run_trials(
         ),
         run_config=ray.tune.RunConfig(
             name=f"session_{_next_session(campaign)}",
-            storage_path=campaign_layout.tune_storage(campaign),
+            **train_storage(campaign_layout.tune_storage(campaign)),
             callbacks=[_ResultRecorder(campaign, base, settings, stopped, log)],
             # A failed trial (e.g. a lost worker) is rerun; its finished steps are skipped.
             failure_config=ray.tune.FailureConfig(max_failures=settings.max_failures),
@@ -217,15 +218,44 @@ class _DefineByRun:
 
 
 def _next_session(campaign: str) -> int:
-    folder = campaign_layout.tune_storage(campaign)
-    return len(os.listdir(folder)) if os.path.isdir(folder) else 0
+    return len(storage.list_dirs(campaign_layout.tune_storage(campaign)))
+
+
+def _share_warmups(
+    base: Config, space: TuneSpace, campaign: str, log: Callable[[str], None]
+) -> bool:
+    """Whether trials share their warm-ups; the campaign's one warm-up trained here first.
+
+    When neither the space nor a start point holds a key the warm-up reads, every trial shares
+    one warm-up: the driver trains it before any trial starts. Otherwise trials with the same
+    warm-up values share one under a file lock, which needs a local or mounted campaign folder;
+    on object storage each trial then trains its own.
+    """
+    keys = {param.key for param in space.params}
+    keys |= {key for point in space.settings.start_points for key in point}
+    if not any(not key.startswith(WARMUP_FREE_KEYS) for key in keys):
+        train_shared_warmup(warmup_config(base, {}, space.settings, campaign), "campaign")
+        return True
+    if storage.is_uri(campaign):
+        log(
+            "the space changes warm-up settings and the campaign is on object storage (no file "
+            "lock there): each trial trains its own warm-up"
+        )
+        return False
+    return True
 
 
 # ----------------------------------------------------------------------------------------------
 # Trial side
 
 
-def run_trial(trial: dict[str, Any], base: Config, settings: TuneSettings, campaign: str) -> None:
+def run_trial(
+    trial: dict[str, Any],
+    base: Config,
+    settings: TuneSettings,
+    campaign: str,
+    share_warmups: bool = True,
+) -> None:
     """One trial: a shortened pipeline in its own run directory, a report after every stage."""
     name = trial["run_name"]
     params = {k: v for k, v in trial.items() if k != "run_name"}
@@ -234,7 +264,8 @@ def run_trial(trial: dict[str, Any], base: Config, settings: TuneSettings, campa
     # prepare_run_dir then checks that the rerun's config is the one saved here.
     write_trial_values(config.run_dir, name, params)
     prepare_run_dir(config)
-    share_warmup(warmup_config(base, params, settings, campaign), config, name)
+    if share_warmups:
+        share_warmup(warmup_config(base, params, settings, campaign), config, name)
     steps = plan_steps(config, full_supervision=False)
     if not settings.final_eval:
         steps = [step for step in steps if step != FINAL]
@@ -277,23 +308,29 @@ def warmup_config(
 
 
 def share_warmup(shared: Config, trial: Config, name: str) -> None:
-    """Run the warm-up once in `shared.run_dir` (a lock file makes concurrent trials wait for
-    it), then give `trial` a copy of its checkpoint and its done marker.
+    """Run the warm-up once in `shared.run_dir` unless it is done (a lock file makes concurrent
+    trials wait for it), then give `trial` a copy of its checkpoint and its done marker.
 
     The marker keeps the warm-up's seconds: a trial's GPU-hours stay what it would cost alone.
     """
     if is_done(trial.run_dir, WARMUP):
         return
-    with _file_lock(campaign_layout.lock_file(shared.run_dir)):
-        prepare_run_dir(shared)
-        for step in (MANIFEST, WARMUP):
-            run_step(shared, step, f"[{name} shared]", print_line)
+    if not is_done(shared.run_dir, WARMUP):
+        with _file_lock(campaign_layout.lock_file(shared.run_dir)):
+            train_shared_warmup(shared, name)
     checkpoint = step_checkpoint(trial.run_dir, WARMUP)
     storage.copy_file(step_checkpoint(shared.run_dir, WARMUP), checkpoint)
     result = read_result(shared.run_dir, WARMUP)
     write_result(
         trial.run_dir, WARMUP, {**result, "checkpoint": checkpoint, "shared": shared.run_dir}
     )
+
+
+def train_shared_warmup(shared: Config, name: str) -> None:
+    """The manifest and warm-up steps in a shared warm-up folder (skipped where done)."""
+    prepare_run_dir(shared)
+    for step in (MANIFEST, WARMUP):
+        run_step(shared, step, f"[{name} shared]", print_line)
 
 
 @contextlib.contextmanager

@@ -1,12 +1,12 @@
 """Where a tuning campaign keeps its files. Pure path arithmetic; no I/O here.
 
-campaign/                        = the base config's run_dir (a local or mounted path)
+campaign/                        = the base config's run_dir (a path, or s3:// / gs:// with tune.storage)
   campaign.json                  base config + space, written first; a rerun with others is refused
   results.parquet                one row per finished trial (values, status, per-stage metrics)
-  optuna/study.journal           the Optuna study (JournalStorage)
+  optuna/study.journal           the Optuna study (JournalStorage), unless tune.storage names another
   trials/trial_NNNN/             a pipeline run directory per trial, with trial.json (its values)
   shared/warmup_<hash>/          a warm-up run shared by every trial with the same warm-up settings
-  shared/warmup_<hash>.lock      the lock concurrent trials wait on while one trains it
+  shared/warmup_<hash>.lock      the lock concurrent trials wait on while one trains it (local only)
   ray_tune/session_N/            Ray Tune's own folders, one per start of the command
   best.yaml                      the best trial's values on the full (not shortened) base config
   best_run/                      the run_dir best.yaml names

@@ -174,7 +174,7 @@ def read_results(campaign: str) -> list[dict[str, Any]]:
     if not storage.exists(path):
         return []
     rows = []
-    for record in pq.read_table(path).to_pylist():
+    for record in pq.read_table(storage.seekable_source(path)).to_pylist():
         row = {k: v for k, v in record.items() if not k.startswith("param")}
         row["params"] = json.loads(record["params_json"])
         rows.append(row)

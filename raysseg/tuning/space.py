@@ -69,6 +69,9 @@ class TuneSettings:
     final_eval: bool = False  # run the costly multi-scale + CRF evaluation at the end of a trial
     trial_overrides: dict[str, Any] = field(default_factory=dict)  # shorten every trial
     start_points: tuple[dict[str, Any], ...] = ()  # tried first (e.g. the paper's settings)
+    # The Optuna study: "" = a journal file in the (local) campaign folder; else an RDB URL
+    # (sqlite:///..., postgresql://...) or a journal file path that every driver node reaches.
+    storage: str = ""
 
     @property
     def modes(self) -> tuple[str, ...]:
@@ -233,8 +236,27 @@ def parse_settings(tune: dict[str, Any], base: Config, params: tuple[Param, ...]
         final_eval=bool(tune.get("final_eval", defaults.final_eval)),
         trial_overrides=_trial_overrides(tune.get("trial_overrides") or {}, base, params),
         start_points=_start_points(tune.get("start_points") or [], base, params),
+        storage=_study_storage(tune.get("storage", defaults.storage)),
     )
     return settings
+
+
+# Databases Optuna's RDBStorage (SQLAlchemy) opens, by URL scheme (a "+driver" suffix allowed).
+STUDY_DATABASES = ("sqlite", "postgresql", "mysql", "oracle", "mssql")
+
+
+def _study_storage(value: Any) -> str:
+    """`tune.storage`: an RDB URL of a known database, or a path; an object-store URI is refused
+    (Optuna's journal is a local file)."""
+    if not isinstance(value, str):
+        raise ConfigError(f"key 'tune.storage': expected a URL or a path, got {value!r}")
+    if "://" in value and value.split("://", 1)[0].split("+", 1)[0] not in STUDY_DATABASES:
+        raise ConfigError(
+            f"key 'tune.storage': {value!r} is neither a database URL "
+            f"({', '.join(f'{name}://' for name in STUDY_DATABASES)}) nor a path; an object store "
+            "cannot hold an Optuna study"
+        )
+    return value
 
 
 def _choice(key: str, value: Any, choices: tuple[str, ...]) -> str:
@@ -309,6 +331,7 @@ def best_config(base: Config, params: dict[str, Any], run_dir: str) -> Config:
 __all__ = [
     "OBJECTIVES",
     "SCHEDULERS",
+    "STUDY_DATABASES",
     "Param",
     "TuneSettings",
     "TuneSpace",

@@ -2,19 +2,21 @@
 
 `campaign.json` (base config + space) is written first and a rerun with other settings is refused;
 each trial writes its values (`trial.json`) before its first step. The study (a JournalStorage
-file) is not the record: every start rebuilds it from the results table (`rebuild_study`), then
-queues the trials that started but are not in the table, with their old values and run names.
+file, or an RDB database named by `tune.storage`) is not the record: every start rebuilds it from
+the results table (`rebuild_study`), then queues the trials that started but are not in the table,
+with their old values and run names.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any
 
 import optuna
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
-from optuna.storages import JournalStorage
+from optuna.storages import JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
 
 from raysseg import storage
@@ -79,10 +81,37 @@ def distributions(params: tuple[Param, ...]) -> dict[str, Any]:
     return result
 
 
-def open_study(campaign: str) -> optuna.Study:
-    """The campaign's Optuna study (for inspection: trials, values, importances)."""
-    journal = JournalStorage(JournalFileBackend(campaign_layout.study_journal(campaign)))
-    return optuna.load_study(study_name=STUDY_NAME, storage=journal)
+def study_location(campaign: str, settings: TuneSettings) -> str:
+    """Where the campaign's Optuna study lives: `tune.storage` (an RDB URL or a journal file path),
+    else the journal file in a local campaign folder. A campaign on object storage needs
+    `tune.storage`: Optuna's journal is a local file and an object store cannot hold it."""
+    if settings.storage:
+        return settings.storage
+    if storage.is_uri(campaign):
+        raise ConfigError(
+            f"campaign '{campaign}' is on object storage, so its Optuna study needs a home every "
+            "driver reaches: set 'tune.storage' in the space file to an RDB URL "
+            "(sqlite:///path/study.db on a shared volume, postgresql://user@host/db, ...)"
+        )
+    return campaign_layout.study_journal(campaign)
+
+
+def is_rdb_url(location: str) -> bool:
+    """Whether a study location is a database URL (else a journal file path)."""
+    return "://" in location  # `tune.storage` admits no other URLs (tuning.space._study_storage)
+
+
+def _storage(location: str) -> optuna.storages.BaseStorage:
+    if is_rdb_url(location):
+        return RDBStorage(location)
+    return JournalStorage(JournalFileBackend(location))
+
+
+def open_study(campaign: str, location: str = "") -> optuna.Study:
+    """The campaign's Optuna study (for inspection: trials, values, importances). `location`: the
+    space file's `tune.storage` when it set one."""
+    location = location or campaign_layout.study_journal(campaign)
+    return optuna.load_study(study_name=STUDY_NAME, storage=_storage(location))
 
 
 def rebuild_study(
@@ -90,33 +119,69 @@ def rebuild_study(
     space: TuneSpace,
     rows: list[dict[str, Any]],
     pending: dict[str, dict[str, Any]],
-) -> JournalStorage:
-    """A fresh study journal holding exactly the finished trials of the table, then the queue.
+) -> optuna.storages.BaseStorage:
+    """A fresh study holding exactly the finished trials of the table, then the queue.
 
-    The journal is built under a temporary name and moved into place, so a crash here leaves the
-    previous journal intact. Trials told to the previous journal but missing from the table (the
-    driver died in between) are dropped with it: the table is the record, and they are rerun.
+    Trials told to the previous study but missing from the table (the driver died in between) are
+    dropped with it: the table is the record, and they are rerun. A journal is built under a
+    temporary name and moved into place, so a crash here leaves the previous journal intact; an
+    RDB study is deleted and created again under its name (a crash in between leaves a partial
+    study, which the next start rebuilds the same way).
     """
     settings = space.settings
-    path = campaign_layout.study_journal(campaign)
-    storage.makedirs(os.path.dirname(path))
-    building = f"{path}.building"
+    location = study_location(campaign, settings)
+    directions = ["maximize" if m == "max" else "minimize" for m in settings.modes]
+    if is_rdb_url(location):
+        rdb = RDBStorage(location)
+        if STUDY_NAME in optuna.get_all_study_names(storage=rdb):
+            optuna.delete_study(study_name=STUDY_NAME, storage=rdb)
+        study = optuna.create_study(storage=rdb, study_name=STUDY_NAME, directions=directions)
+        _fill_study(study, space, rows, pending)
+        return rdb
+    os.makedirs(os.path.dirname(os.path.abspath(location)), exist_ok=True)
+    building = f"{location}.building"
     if os.path.exists(building):
         os.remove(building)
     study = optuna.create_study(
         storage=JournalStorage(JournalFileBackend(building)),
         study_name=STUDY_NAME,
-        directions=["maximize" if m == "max" else "minimize" for m in settings.modes],
+        directions=directions,
     )
+    _fill_study(study, space, rows, pending)
+    os.replace(building, location)
+    return JournalStorage(JournalFileBackend(location))
+
+
+def _fill_study(
+    study: optuna.Study,
+    space: TuneSpace,
+    rows: list[dict[str, Any]],
+    pending: dict[str, dict[str, Any]],
+) -> None:
+    settings = space.settings
     spaces = distributions(space.params)
     for row in rows:
         study.add_trial(_frozen_trial(row, spaces, settings))
     for name in sorted(pending):
         study.enqueue_trial(pending[name], user_attrs={"run_name": name})
+    tried = [row["params"] for row in rows] + list(pending.values())
     for point in settings.start_points:
-        study.enqueue_trial(point, skip_if_exists=True)
-    os.replace(building, path)
-    return JournalStorage(JournalFileBackend(path))
+        if not any(_holds(values, point) for values in tried):
+            study.enqueue_trial(point)
+
+
+def _holds(values: dict[str, Any], point: dict[str, Any]) -> bool:
+    """Whether a trial's values include the start point's (a point names only some keys, so
+    Optuna's own skip_if_exists, which compares whole key sets, never matches it)."""
+    return all(
+        key in values
+        and (
+            math.isclose(float(values[key]), float(value), rel_tol=0.0, abs_tol=1e-12)
+            if isinstance(value, (int, float)) and not isinstance(value, bool)
+            else values[key] == value
+        )
+        for key, value in point.items()
+    )
 
 
 def _frozen_trial(
@@ -143,8 +208,7 @@ def _frozen_trial(
 
 def trial_dirs(campaign: str) -> set[str]:
     """Names of the trial run directories under the campaign (started trials, finished or not)."""
-    folder = campaign_layout.trials_dir(campaign)
-    return set(os.listdir(folder)) if os.path.isdir(folder) else set()
+    return set(storage.list_dirs(campaign_layout.trials_dir(campaign)))
 
 
 def written_trials(campaign: str) -> set[str]:
@@ -209,8 +273,10 @@ __all__ = [
     "check_campaign",
     "distributions",
     "interrupted_trials",
+    "is_rdb_url",
     "open_study",
     "rebuild_study",
+    "study_location",
     "trial_dirs",
     "write_trial_values",
     "written_trials",
