@@ -1,16 +1,14 @@
 """Faults survived: killed drivers (between steps, then mid label update) with the pipeline finished
-by `ray job submit` on a token-auth head, a killed worker of a 2-worker training stage, a node
-removed during a label update.
+by `ray job submit` on a token-auth head, the node of a worker of a 2-worker training stage lost
+mid-epoch, the node running label work removed during a label update.
 
-Every process killed here was started by the test itself and is found by its pid: Ray Train workers
-are descendants of the local Ray of this process (its private temp dir names them), drivers are
-subprocesses in their own process group, nodes belong to this test's simulated cluster. Never
-`ray stop` or kill by name: other Ray sessions share the machine.
+Everything killed here was started by the test itself: drivers are subprocesses in their own
+process group, found by pid; nodes belong to this test's simulated cluster, found from the actors
+they run. Never `ray stop` or kill by name: other Ray sessions share the machine.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -21,6 +19,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import ray
 import torch
@@ -28,7 +27,6 @@ from ray_helpers import (
     REPO,
     Head,
     assert_steps_done,
-    processes_under,
     refused_output,
     submit_job,
     tiny_config,
@@ -43,6 +41,9 @@ from raysseg.distributed.train_progress import read_progress
 from raysseg.engine.checkpoint import load_checkpoint, save_checkpoint
 from raysseg.model.network import build_model
 from raysseg.rundir import layout
+from raysseg.rundir.markers import write_result
+from raysseg.rundir.prepare import prepare_run_dir
+from raysseg.rundir.steps import label_step
 from raysseg.verify import verify_run
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
@@ -58,12 +59,6 @@ def _wait_for(condition: Callable[[], bool], timeout_s: float, what: str, poll_s
 
 def _seg_files(run_dir: Path, stage: int) -> list[Path]:
     return list(Path(layout.stage_labels(str(run_dir), stage), "seg").rglob("*.png"))
-
-
-def _cmdline(pid: int) -> str:
-    with contextlib.suppress(OSError):
-        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-    return ""
 
 
 def _split_ids(data_root: Path) -> list[str]:
@@ -206,12 +201,20 @@ def _assert_quiet_console_with_epoch_lines(console: str, step: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# A Ray Train worker killed mid-epoch
+# A node of a 2-worker training stage lost mid-epoch
 
 
-def _train_worker_pids(ray_temp_dir: Path) -> list[int]:
-    """Ray Train worker processes of this process's local Ray (descendants of its raylet)."""
-    return [pid for pid in processes_under(ray_temp_dir) if "RayTrainWorker" in _cmdline(pid)]
+def _actor_node(class_name: str, worker_node_ids: set[str]) -> str | None:
+    """A worker node that runs an alive actor whose class name holds `class_name`, if any.
+
+    From the GCS's actor table (`ray._private.state.actors`): the public state API needs the
+    dashboard, which the simulated cluster does not start.
+    """
+    for info in ray._private.state.actors(actor_state_name="ALIVE").values():
+        node = info["Address"]["NodeID"]
+        if class_name in info["ActorClassName"] and node in worker_node_ids:
+            return node
+    return None
 
 
 def _checkpoint_states(storage: Path) -> list[dict]:
@@ -227,18 +230,24 @@ def _checkpoint_states(storage: Path) -> list[dict]:
     return sorted(states, key=lambda state: state["epoch"])
 
 
-def test_two_worker_training_learns_and_a_killed_worker_resumes_to_the_same_weights(
-    local_ray: Path, tiny_data_factory, tmp_path: Path
+def test_two_worker_training_learns_and_resumes_to_the_same_weights_after_losing_a_node(
+    fresh_ray_cluster, tiny_data_factory, tmp_path: Path
 ) -> None:
-    """A 2-worker DDP warm-up: uninterrupted it learns; with one worker SIGKILLed mid-epoch the
-    group restarts from the last checkpoint and ends with the uninterrupted run's weights."""
+    """A 2-worker DDP warm-up, one worker per node: uninterrupted it learns; with the node of one
+    worker killed mid-epoch (a spare node waiting), the group restarts from the last checkpoint
+    and ends with the uninterrupted run's weights."""
+    cluster = fresh_ray_cluster.cluster
+    # Three 1-CPU nodes with one Ray Train slot each (resources.train_custom): each worker gets a
+    # node of its own, and the third waits as the spare an autoscaler would bring.
+    slots = [cluster.add_node(num_cpus=1, resources={"train_slot": 1}) for _ in range(3)]
+    cluster.wait_for_nodes()
     data = tiny_data_factory(n_train=64, n_val=0, size=64, seed=4)
-    # Four epochs: the kill lands in the second, right after the first one's checkpoint, and the
+    # Four epochs: the loss lands in the second, right after the first one's checkpoint, and the
     # losses of the last two can be compared with the first two's.
     epochs = 4
 
-    def run(name: str, kill: bool, keep: int) -> tuple[dict, list[dict], list[int]]:
-        # 64 images of 64 px: an epoch lasts about a second, so the kill lands inside one.
+    def run(name: str, lose_node: bool, keep: int) -> tuple[dict, list[dict], list]:
+        # 64 images of 64 px: an epoch lasts about a second, so the node goes inside one.
         # No colour or scale augmentation, a higher rate: the loss falls within 4 epochs.
         config = tiny_config(
             data,
@@ -246,6 +255,7 @@ def test_two_worker_training_learns_and_a_killed_worker_resumes_to_the_same_weig
             "resources.max_failures=1",
             f"resources.keep_checkpoints={keep}",
             "resources.num_workers=2",
+            "resources.train_custom=train_slot=1",
             "data.crop_size=64",
             "optim.lr=0.05",
             "data.color_jitter=0",
@@ -256,16 +266,18 @@ def test_two_worker_training_learns_and_a_killed_worker_resumes_to_the_same_weig
         write_manifest(voc_records(str(data), "train"), manifest)
         storage = tmp_path / name / "train"
         spec = StageSpec("warmup", "warmup", manifest, "", "", epochs, str(storage))
-        killed: list[int] = []
-        if kill:
+        lost: list = []
+        if lose_node:
             threading.Thread(
-                target=_kill_after_first_checkpoint, args=(local_ray, storage, killed), daemon=True
+                target=_remove_a_train_node_after_first_checkpoint,
+                args=(cluster, slots, storage, lost),
+                daemon=True,
             ).start()
         result = train_stage(config, spec)
-        return load_checkpoint(result["checkpoint"]), _checkpoint_states(storage), killed
+        return load_checkpoint(result["checkpoint"]), _checkpoint_states(storage), lost
 
     # The reference keeps the default 2 checkpoints: only the last two epochs' stay on disk.
-    reference, reference_states, _ = run("reference", kill=False, keep=2)
+    reference, reference_states, _ = run("reference", lose_node=False, keep=2)
     assert [s["epoch"] for s in reference_states] == [epochs - 1, epochs]
     folders = (tmp_path / "reference" / "train" / "warmup").glob("checkpoint_*")
     assert len([folder for folder in folders if folder.is_dir()]) == 2
@@ -273,13 +285,13 @@ def test_two_worker_training_learns_and_a_killed_worker_resumes_to_the_same_weig
     history = [row["total"] for row in progress["history"]]
     # It learns: every later epoch's mean loss is below the first's (which starts untrained).
     assert len(history) == epochs and max(history[1:]) < history[0], history
-    # The killed run keeps every checkpoint, so each epoch's shows (and shows once).
-    final, states, killed = run("killed", kill=True, keep=epochs)
+    # The run that loses a node keeps every checkpoint, so each epoch's shows (and shows once).
+    final, states, lost = run("lost_node", lose_node=True, keep=epochs)
 
-    assert killed, "no Ray Train worker was found and killed"
-    killed_pid, checkpoints_at_kill = killed
-    assert not Path(f"/proc/{killed_pid}").exists()
-    assert 1 <= checkpoints_at_kill < epochs  # killed during training, not after it
+    assert lost, "no node running a Ray Train worker was found and removed"
+    node_id, checkpoints_at_loss = lost
+    assert node_id not in {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    assert 1 <= checkpoints_at_loss < epochs  # lost during training, not after it
     # One checkpoint per epoch, each epoch once: the restarted workers resumed from the last
     # checkpoint (epoch 1) instead of training from scratch (which would report epoch 1 twice).
     assert [s["epoch"] for s in states] == list(range(1, epochs + 1))
@@ -303,22 +315,26 @@ def _registered_checkpoints(snapshot: Path) -> int:
         return 0
 
 
-def _kill_after_first_checkpoint(ray_temp_dir: Path, storage: Path, killed: list[int]) -> None:
-    """SIGKILL the Ray Train worker as soon as epoch 1's checkpoint is registered: mid-epoch 2.
+def _remove_a_train_node_after_first_checkpoint(
+    cluster, workers, storage: Path, lost: list
+) -> None:
+    """Kill the node of a Ray Train worker as soon as epoch 1's checkpoint is registered (mid-epoch
+    2); a spare node the test added lets the 2-worker group start again.
 
-    The worker's pid is looked up beforehand, so the kill follows the registration within one poll
-    (10 ms) while an epoch takes about a second. Registered = listed in Ray Train's snapshot file
-    (a checkpoint folder alone may still be uploading and would be discarded by the restart).
+    The node is looked up beforehand, so the kill follows the registration within one poll (10 ms)
+    while an epoch takes about a second. Registered = listed in Ray Train's snapshot file (a
+    checkpoint folder alone may still be uploading and would be discarded by the restart).
     """
     snapshot = storage / "warmup" / "checkpoint_manager_snapshot.json"
-    deadline, pid = time.monotonic() + 300, None
+    by_id = {worker.node_id: worker for worker in workers}
+    deadline, node = time.monotonic() + 300, None
     while time.monotonic() < deadline:
-        if pid is None:
-            pid = next(iter(_train_worker_pids(ray_temp_dir)), None)
+        if node is None:
+            node = _actor_node("RayTrainWorker", set(by_id))
         registered = _registered_checkpoints(snapshot)
-        if pid is not None and registered:
-            os.kill(pid, signal.SIGKILL)
-            killed.extend([pid, registered])
+        if node is not None and registered:
+            cluster.remove_node(by_id[node], allow_graceful=False)  # SIGKILL of its raylet
+            lost.extend([node, registered])
             return
         time.sleep(0.01)
 
@@ -328,27 +344,37 @@ def _kill_after_first_checkpoint(ray_temp_dir: Path, storage: Path, killed: list
 # fresh cluster replaces the local Ray above)
 
 
-def test_worker_node_removed_during_label_update_job_completes(
+def test_the_node_running_label_work_removed_mid_update_loses_no_label(
     fresh_ray_cluster, tiny_data_factory, tmp_path
 ) -> None:
+    """The worker node one of the 2 label actors runs on is killed once half the labels exist.
+    Its finished rows are kept, its images are redone elsewhere, each image is labelled once,
+    and `raysseg verify` finds the stage clean."""
     cluster, workers = fresh_ray_cluster.cluster, fresh_ray_cluster.workers
     n_images = 24
     data = tiny_data_factory(n_train=n_images, n_val=0, size=40, seed=6)
-    config = tiny_config(data, tmp_path / "run", "resources.refine_batch_size=1")
+    # Two actors of 1 CPU: the head has 1, so at least one of them runs on a worker node.
+    config = tiny_config(
+        data, tmp_path / "run", "resources.refine_batch_size=1", "resources.refine_actors=2"
+    )
+    prepare_run_dir(config)
     manifest = layout.dataset_manifest(config.run_dir, "train")
     write_manifest(voc_records(str(data), "train"), manifest)
     checkpoint = tmp_path / "model.pt"
     save_checkpoint(checkpoint, build_model(config.model))
     run_dir = Path(config.run_dir)
-    removed: list[str] = []
+    by_id = {worker.node_id: worker for worker in workers}
+    removed: list = []
 
-    def remove_a_node() -> None:
-        _wait_for(lambda: len(_seg_files(run_dir, 0)) >= 2, 300, "the first labels")
+    def remove_the_label_node() -> None:
+        _wait_for(lambda: len(_seg_files(run_dir, 0)) >= n_images // 2, 300, "half the labels")
+        node = _actor_node("MapWorker", set(by_id))  # Ray Data's label-inference actor
+        assert node is not None, "no label actor on a worker node"
         labelled_before = len(_seg_files(run_dir, 0))
-        cluster.remove_node(workers[0], allow_graceful=False)  # SIGKILL of that node's raylet
-        removed.extend([workers[0].node_id, time.monotonic(), labelled_before])
+        cluster.remove_node(by_id[node], allow_graceful=False)  # SIGKILL of that node's raylet
+        removed.extend([node, time.monotonic(), labelled_before])
 
-    threading.Thread(target=remove_a_node, daemon=True).start()
+    threading.Thread(target=remove_the_label_node, daemon=True).start()
     summary = update_stage_labels(
         config, 0, mode="initial", checkpoint=str(checkpoint), in_manifest=manifest
     )
@@ -358,8 +384,13 @@ def test_worker_node_removed_during_label_update_job_completes(
     assert removed_at < finished_at and labelled_before < n_images  # removed mid-update
     assert summary["errors"] == 0 and summary["images"] == n_images
     assert len(_seg_files(run_dir, 0)) == n_images
-    rows = list(read_manifest(layout.stage_manifest(config.run_dir, 0)))
-    assert sorted(r.image_id for r in rows) == sorted(_split_ids(data))
+    table = pq.read_table(layout.stage_manifest(config.run_dir, 0)).to_pylist()
+    assert sorted(row["image_id"] for row in table) == sorted(_split_ids(data))  # each once
+    # The removed node had done label work that the update kept: rows it wrote reached the
+    # manifest before it died.
+    assert any(row["node_id"] == node_id for row in table), {r["node_id"] for r in table}
+    write_result(config.run_dir, label_step(0), summary)
+    assert [str(problem) for problem in verify_run(config.run_dir)] == []
     # The cluster itself saw the node die (the GCS notices a killed raylet within seconds).
     _wait_for(
         lambda: node_id not in {n["NodeID"] for n in ray.nodes() if n["Alive"]},

@@ -1,7 +1,9 @@
-"""The run directory on S3: an S3-compatible server (moto) started by the test on 127.0.0.1.
+"""The dataset and the run directory on S3: an S3-compatible server (moto) started by the test on
+127.0.0.1.
 
 The pipeline here is a folder-source run (images in a folder, image labels from a CSV, masks for
-half the images), so it also serves as the folder source's end-to-end test.
+half the images), every input read from the bucket, so it also serves as the folder source's
+end-to-end test.
 
 Credentials, region and endpoint reach pyarrow, Ray Data and Ray Train only through the
 environment (AWS_* variables set before `ray.init`, so every Ray worker inherits them), as on a
@@ -101,35 +103,44 @@ def test_io_round_trips_on_s3(s3_bucket, tmp_path) -> None:
     assert not [key for key in _objects(s3_bucket, "io") if ".tmp" in key]
 
 
+def _upload_folder(local: Path, uri: str) -> None:
+    for path in sorted(local.rglob("*")):
+        if path.is_file():
+            storage.copy_file(str(path), storage.join(uri, path.relative_to(local).as_posix()))
+
+
 @pytest.fixture(scope="module")
 def pipeline_on_s3(ray_with_s3, tmp_path_factory):
-    """The whole pipeline (one stage) of a folder source with its run directory on S3; shared by
-    the tests below: (config, summary, log lines, data folder)."""
-    # The dataset stays local (images are read by URI either way); the run directory is on S3.
-    # Its own copy (not tiny_data): half its masks are deleted, so only those images are scored.
+    """The whole pipeline (one stage) of a folder source with its dataset AND its run directory on
+    S3; shared by the tests below: (config, summary, log lines, the dataset's URI)."""
+    # Its own dataset (not tiny_data): half its masks are deleted before the upload, so only
+    # those images are scored.
     data = tmp_path_factory.mktemp("synth")
     generate_synthetic(str(data), n_train=8, n_val=0, size=40, seed=2)
     masks = data / "SegmentationClass"
     for path in sorted(masks.glob("*.png"))[::2]:
         path.unlink()
+    data_uri = storage.join(ray_with_s3, "data")
+    _upload_folder(data, data_uri)
     run_dir = storage.join(ray_with_s3, "run")
     # No validation split in a folder source: the final step has no figure to compute, and the
     # module stays within a few minutes on 2 cores.
     config = tiny_config(
-        data / "JPEGImages",
         Path("unused"),
+        Path("unused"),
+        f"data.root={storage.join(data_uri, 'JPEGImages')}",
         f"run_dir={run_dir}",
         "stages.count=1",
         "data.source=folder",
-        f"data.labels_file={data / 'image_labels.csv'}",
-        f"data.class_names={data / 'class_names.txt'}",
-        f"data.mask_dir={masks}",
+        f"data.labels_file={storage.join(data_uri, 'image_labels.csv')}",
+        f"data.class_names={storage.join(data_uri, 'class_names.txt')}",
+        f"data.mask_dir={storage.join(data_uri, 'SegmentationClass')}",
         "data.saliency=auto",
-        f"data.saliency_dir={data / 'saliency'}",
+        f"data.saliency_dir={storage.join(data_uri, 'saliency')}",
     )
     lines: list[str] = []
     summary = run_pipeline(config, log=lines.append)
-    return config, summary, lines, data
+    return config, summary, lines, data_uri
 
 
 def test_pipeline_keeps_every_artifact_on_s3_and_resumes(pipeline_on_s3, s3_bucket) -> None:
@@ -213,12 +224,18 @@ def test_label_update_on_s3_skips_done_images_and_redoes_lost_ones(pipeline_on_s
 
 
 def test_folder_source_runs_end_to_end_and_scores_the_images_with_masks(pipeline_on_s3) -> None:
-    config, summary, lines, data = pipeline_on_s3
+    config, summary, lines, data_uri = pipeline_on_s3
     run_dir = config.run_dir
-    assert f"saliency prior: folder {data / 'saliency'}" in lines
-    assert summary["saliency_prior"] == f"folder {data / 'saliency'}"
+    saliency = storage.join(data_uri, "saliency")
+    assert f"saliency prior: folder {saliency}" in lines
+    assert summary["saliency_prior"] == f"folder {saliency}"
     train = list(read_manifest(layout.dataset_manifest(run_dir, "train")))
     assert len(train) == 8 and sum(bool(r.mask_uri) for r in train) == 4
+    # Every input came from the bucket: images, masks and saliency maps by their s3:// URIs.
+    for record in train:
+        assert record.image_uri.startswith(f"{data_uri}/JPEGImages/")
+        assert record.saliency_uri == "" or record.saliency_uri.startswith(f"{saliency}/")
+        assert record.mask_uri == "" or record.mask_uri.startswith(f"{data_uri}/SegmentationClass/")
     for stage in (0, 1):
         for record in train:
             assert storage.exists(
@@ -230,3 +247,61 @@ def test_folder_source_runs_end_to_end_and_scores_the_images_with_masks(pipeline
     # No validation split in a folder source: the final figure is absent, not an error.
     final = json.loads(storage.read_bytes(storage.join(run_dir, "final.DONE")))
     assert final["note"] == "no validation ground truth"
+
+
+def test_a_tuning_campaign_on_s3_keeps_its_study_in_an_rdb_and_resumes(ray_with_s3, tmp_path):
+    """`raysseg tune` with its campaign folder on S3 and the Optuna study in SQLite: the one
+    warm-up trained by the driver first and shared, every file of the campaign on S3; the same
+    command again finds the trial done and starts none. One trial: running two at once is
+    test_ray_tune's (a local campaign); here what changes is where everything is kept."""
+    from raysseg.distributed.tune import run_campaign
+    from raysseg.tuning.results import read_results
+    from raysseg.tuning.space import parse_space
+    from raysseg.tuning.study import open_study
+
+    data = tmp_path / "synth"
+    generate_synthetic(str(data), n_train=6, n_val=2, size=40, seed=4)
+    campaign = storage.join(ray_with_s3, "campaign")
+    base = tiny_config(
+        data,
+        Path("unused"),
+        f"run_dir={campaign}",
+        "resources.cpus_per_worker=0.3",
+        "resources.refine_cpus_per_actor=0.3",
+        "resources.crf_cpus=0.25",
+    )
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    space = parse_space(
+        {"labels.cam_threshold": "uniform(0.1, 0.3)"},
+        {
+            "storage": url,
+            "objectives": ["label_miou"],
+            "trial_cpus": 0.1,
+            "trial_overrides": {"stages.count": 1},
+        },
+        base,
+    )
+    lines: list[str] = []
+    outputs = run_campaign(base, space, trials=1, log=lines.append)
+
+    rows = read_results(campaign)
+    assert [(row["trial"], row["status"]) for row in rows] == [("trial_0000", "completed")]
+    assert storage.list_dirs(storage.join(campaign, "trials")) == ["trial_0000"]
+    [shared] = storage.list_dirs(storage.join(campaign, "shared"))
+    for row in rows:
+        run = storage.join(campaign, "trials", row["trial"])
+        marker = json.loads(storage.read_bytes(layout.step_marker(run, "warmup")))
+        assert marker["shared"] == storage.join(campaign, "shared", shared)
+        assert storage.exists(storage.join(run, "stage_0", "refine.DONE"))
+    assert outputs["best_yaml"] == storage.join(campaign, "best.yaml")
+    assert b"run_dir: s3://" in storage.read_bytes(outputs["best_yaml"])
+    assert all(storage.exists(plot) and plot.startswith("s3://") for plot in outputs["plots"])
+    study = open_study(campaign, url)
+    assert [(t.state.name, t.user_attrs["run_name"]) for t in study.trials] == [
+        ("COMPLETE", "trial_0000")
+    ]
+
+    again: list[str] = []
+    run_campaign(base, space, trials=1, log=again.append)
+    assert any("1 trial(s) finished earlier, 0 to run" in line for line in again), again
+    assert len(open_study(campaign, url).trials) == 1
