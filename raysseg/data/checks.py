@@ -121,6 +121,11 @@ def over_budget(bad_items: int, items: int, budget: float) -> bool:
     return bad_items > budget * max(1, items)
 
 
+def over_budget_phrase(budget: float) -> str:
+    """How every step that stops on the budget says so, naming the key."""
+    return f"over the error budget (resources.error_budget = {budget:.1%})"
+
+
 def problems_summary(problems: Sequence[Problem], bad_items: int, items: int, table: str) -> str:
     """One line: how many items had problems, the first few messages, where the table is."""
     quoted = "; ".join(f"[{p.split} {p.image_id}] {p.message}" for p in problems[:QUOTED_PROBLEMS])
@@ -148,6 +153,7 @@ __all__ = [
     "decode_problems",
     "is_sound",
     "over_budget",
+    "over_budget_phrase",
     "problems_summary",
     "problems_table",
     "raise_problem",

@@ -88,13 +88,13 @@ class StageDataset(torch.utils.data.Dataset):
         """
         epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
         try:
-            return self._item(epoch, index, self.item_rng(epoch, index))
+            return self._item(index, self.item_rng(epoch, index))
         except (OSError, DataError) as error:
             if not self.skip_unreadable:
                 raise
             return self._stand_in(epoch, index, str(error))
 
-    def _item(self, epoch: int, index: int, rng: np.random.Generator) -> dict:
+    def _item(self, index: int, rng: np.random.Generator) -> dict:
         record = self.records[index]
         image = io.read_image(record.image_uri)
         item = {
@@ -114,7 +114,7 @@ class StageDataset(torch.utils.data.Dataset):
             return {"image_id": self.records[index].image_id, "unreadable": message}
         for offset in range(1, STAND_IN_TRIES + 1):
             try:
-                item = self._item(epoch, (index + offset) % len(self), self.item_rng(epoch, index))
+                item = self._item((index + offset) % len(self), self.item_rng(epoch, index))
             except (OSError, DataError):
                 continue
             item["unreadable"] = message

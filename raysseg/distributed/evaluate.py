@@ -13,7 +13,7 @@ from ray.data.expressions import col
 
 from raysseg.config import Config, from_dict, to_dict
 from raysseg.data import io
-from raysseg.data.checks import over_budget
+from raysseg.data.checks import over_budget, over_budget_phrase
 from raysseg.data.records import DataError, check_label_map, class_names_for
 from raysseg.data.sources import coco_class_names
 from raysseg.distributed.datasets import inference_pool_options, read_manifest_dataset
@@ -120,8 +120,7 @@ def evaluate_checkpoint(
     if over_budget(len(unreadable), images, resources.error_budget):
         raise DataError(
             f"evaluation of '{manifest}': {len(unreadable)} of {images} images could not be read, "
-            f"over the error budget (resources.error_budget = {resources.error_budget:.1%}); "
-            f"first: {unreadable[0]}"
+            f"{over_budget_phrase(resources.error_budget)}; first: {unreadable[0]}"
         )
     scores = {
         "miou": confusion.miou(),

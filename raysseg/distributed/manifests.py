@@ -31,6 +31,7 @@ from raysseg.data.checks import (
     decode_problems,
     is_sound,
     over_budget,
+    over_budget_phrase,
     problems_summary,
     problems_table,
 )
@@ -55,7 +56,7 @@ def build_manifests(
 ) -> dict[str, Any]:
     """Write the train (and val) manifests of the configured source; returns their counts."""
     run = config.run_dir
-    counts: dict[str, Any] = {"problems": 0}
+    counts: dict[str, Any] = {}
     problems: list[Problem] = []
     failures: list[str] = []
     for split, records_of in (("train", train_records), ("val", val_records)):
@@ -83,9 +84,8 @@ def build_manifests(
     counts["problems"] = len(problems)
     _write_problems(run, problems)
     if failures:
-        budget = f"{config.resources.error_budget:.1%}"
         raise DataError(
-            f"the dataset has problems over the error budget (resources.error_budget = {budget}). "
+            f"the dataset has problems {over_budget_phrase(config.resources.error_budget)}. "
             + " | ".join(failures)
         )
     if not counts.get("train_images"):

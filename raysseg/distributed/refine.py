@@ -24,7 +24,7 @@ import torch
 from raysseg import storage
 from raysseg.config import Config, ResourcesConfig, from_dict, to_dict
 from raysseg.data import io
-from raysseg.data.checks import over_budget
+from raysseg.data.checks import over_budget, over_budget_phrase
 from raysseg.data.manifest import PartWriter, write_manifest
 from raysseg.data.transforms import normalize
 from raysseg.distributed.datasets import inference_pool_options, read_manifest_dataset
@@ -127,8 +127,8 @@ def update_labels(
     summary["seconds"] = time.perf_counter() - started
     if over_budget(summary["errors"], summary["images"], resources.error_budget):
         raise RuntimeError(
-            f"label update: {summary['errors']} of {summary['images']} images failed, over the "
-            f"error budget ({resources.error_budget:.1%}); first: {summary.get('first_error')}; "
+            f"label update: {summary['errors']} of {summary['images']} images failed, "
+            f"{over_budget_phrase(resources.error_budget)}; first: {summary.get('first_error')}; "
             f"all: {errors_path}"
         )
     return summary

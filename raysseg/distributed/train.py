@@ -32,7 +32,7 @@ from ray.train.torch import TorchTrainer
 from torch.utils.data import DataLoader
 
 from raysseg.config import Config, from_dict, to_dict
-from raysseg.data.checks import over_budget
+from raysseg.data.checks import over_budget, over_budget_phrase
 from raysseg.data.dataset import EpochSampler, build_stage_dataset, build_train_loader, collate
 from raysseg.data.manifest import ManifestRows
 from raysseg.data.records import DataError
@@ -199,8 +199,8 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
             if progress is not None:
                 progress.data_error(
                     f"stage {spec.name}, epoch {epoch + 1}: {unreadable} of "
-                    f"{int(metrics['images'])} training images could not be read, over the error "
-                    f"budget (resources.error_budget = {config.resources.error_budget:.1%}); "
+                    f"{int(metrics['images'])} training images could not be read, "
+                    f"{over_budget_phrase(config.resources.error_budget)}; "
                     f"first: {first_unreadable or 'on another worker'}"
                 )
             return  # without this epoch's checkpoint: the stage's last one stays the newest

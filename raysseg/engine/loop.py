@@ -144,13 +144,15 @@ def train_one_epoch(
         None  # running sums of the loss terms, kept on device (one sync/step)
     )
     steps = images_seen = 0
-    unreadable: list[str] = []
+    unreadable, first_unreadable = 0, ""
     start = time.perf_counter()
     next_progress = start + progress_seconds
     for batch in loader:
         if max_steps is not None and steps >= max_steps:
             break
-        unreadable += [message for message in batch.get("unreadable", ()) if message]
+        messages = [message for message in batch.get("unreadable", ()) if message]
+        unreadable += len(messages)
+        first_unreadable = first_unreadable or next(iter(messages), "")
         losses = _train_step(model, batch, device, loss_weights, mode, dtype, sal_binarize, loss_fn)
         if not names:
             names = list(losses)
@@ -190,10 +192,10 @@ def train_one_epoch(
         "images": images_seen,
         "seconds": seconds,
         "images_per_s": images_seen / seconds if seconds > 0 else 0.0,
-        "unreadable": len(unreadable),
+        "unreadable": unreadable,
     }
     if unreadable:
-        result["first_unreadable"] = unreadable[0]
+        result["first_unreadable"] = first_unreadable
     return result
 
 

@@ -110,7 +110,7 @@ def _storage(location: str) -> optuna.storages.BaseStorage:
 def open_study(campaign: str, location: str = "") -> optuna.Study:
     """The campaign's Optuna study (for inspection: trials, values, importances). `location`: the
     space file's `tune.storage` when it set one."""
-    location = location or campaign_layout.study_journal(campaign)
+    location = study_location(campaign, TuneSettings(storage=location))
     return optuna.load_study(study_name=STUDY_NAME, storage=_storage(location))
 
 
@@ -132,7 +132,7 @@ def rebuild_study(
     location = study_location(campaign, settings)
     directions = ["maximize" if m == "max" else "minimize" for m in settings.modes]
     if is_rdb_url(location):
-        rdb = RDBStorage(location)
+        rdb = _storage(location)
         if STUDY_NAME in optuna.get_all_study_names(storage=rdb):
             optuna.delete_study(study_name=STUDY_NAME, storage=rdb)
         study = optuna.create_study(storage=rdb, study_name=STUDY_NAME, directions=directions)
@@ -143,13 +143,11 @@ def rebuild_study(
     if os.path.exists(building):
         os.remove(building)
     study = optuna.create_study(
-        storage=JournalStorage(JournalFileBackend(building)),
-        study_name=STUDY_NAME,
-        directions=directions,
+        storage=_storage(building), study_name=STUDY_NAME, directions=directions
     )
     _fill_study(study, space, rows, pending)
     os.replace(building, location)
-    return JournalStorage(JournalFileBackend(location))
+    return _storage(location)
 
 
 def _fill_study(
