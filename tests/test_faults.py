@@ -188,6 +188,7 @@ RAY_NOISE = (
     "Execution plan of Dataset",
     "Parquet dataset sampling",
     "PreemptionWatcher",
+    "has constructor arguments in the object store",  # the driver's own core, for Ray Data actors
     "(RayTrainWorker",
     "(TrainController",
 )

@@ -5,13 +5,24 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import select
 import socket
+import sys
+import threading
 from collections.abc import Iterator
 
 import ray
 
 # A port nothing listens on (TCP port 1, tcpmux, is never served on the machines Ray runs on).
 NO_API_SERVER_PORT = 1
+
+# Lines the driver's own Ray core (C++, straight to fd 2, so no logging handler sees them) prints
+# that are known to be harmless. Each still goes to the session's python-core-driver-*.log.
+HARMLESS_DRIVER_LINES = (
+    # Logged at level E for every Ray Data actor pool: Ray Data always passes its map function
+    # through the object store and restarts actors by default (ray-project/ray#57733).
+    "has constructor arguments in the object store and max_restarts > 0",
+)
 
 
 @contextlib.contextmanager
@@ -38,13 +49,17 @@ def ray_session(
         # state API it serves.
         kwargs.update(local_init_kwargs(num_cpus, include_dashboard=True))
     context = ray.init(**kwargs)
-    if not verbose:
+    if verbose:
+        console: contextlib.AbstractContextManager = contextlib.nullcontext()
+    else:
         quiet_ray_data_console()
         print(f"Ray's own output: {_session_logs(context)} (--verbose prints it here)", flush=True)
-    try:
-        yield
-    finally:
-        ray.shutdown()
+        console = stderr_without(HARMLESS_DRIVER_LINES)
+    with console:
+        try:
+            yield
+        finally:
+            ray.shutdown()
 
 
 def local_init_kwargs(num_cpus: int | None, include_dashboard: bool) -> dict:
@@ -96,3 +111,66 @@ def _session_logs(context: object) -> str:
     address = getattr(context, "address_info", None) or {}
     session = address.get("session_dir") if isinstance(address, dict) else None
     return f"{session}/logs" if session else "the Ray session folders' logs/ on each node"
+
+
+@contextlib.contextmanager
+def stderr_without(fragments: tuple[str, ...]) -> Iterator[None]:
+    """File descriptor 2 of this process, less the lines that hold one of `fragments`.
+
+    At the descriptor level because Ray's C++ core writes there directly. Every other byte
+    (Python's tracebacks and warnings too) goes on to the original stderr, in order; on exit
+    the original descriptor is back in place and whatever was still in the pipe is forwarded.
+    """
+    sys.stderr.flush()
+    original = os.dup(2)
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    stop = threading.Event()
+    forwarder = threading.Thread(
+        target=_forward_lines,
+        args=(read_end, original, fragments, stop),
+        name="raysseg-stderr-filter",
+        daemon=True,
+    )
+    forwarder.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        # Back to the original descriptor first: a process that inherited the pipe's write end
+        # would keep it open, so the forwarder stops on `stop` and a drain, not on end of file.
+        os.dup2(original, 2)
+        stop.set()
+        forwarder.join()
+        os.close(read_end)
+        os.close(original)
+
+
+def _forward_lines(
+    read_end: int, target: int, fragments: tuple[str, ...], stop: threading.Event
+) -> None:
+    """Copy `read_end` to `target` line by line, dropping the lines that hold a fragment, until
+    end of file, or until nothing more arrives once `stop` is set."""
+    pending = b""
+    wanted = tuple(fragment.encode() for fragment in fragments)
+    while True:
+        ready, _, _ = select.select([read_end], [], [], 0.1)
+        if not ready:
+            if stop.is_set():
+                break
+            continue
+        chunk = os.read(read_end, 65536)
+        if not chunk:
+            break
+        lines = (pending + chunk).split(b"\n")
+        pending = lines.pop()
+        kept = [line + b"\n" for line in lines if not any(w in line for w in wanted)]
+        _write_all(target, b"".join(kept))
+    if not any(w in pending for w in wanted):
+        _write_all(target, pending)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    while data:
+        data = data[os.write(fd, data) :]
