@@ -106,11 +106,12 @@ def _reset_peak_rss_mib() -> float:
 
 
 def _proc_status_mib(field: str) -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024.0  # kB
-    raise RuntimeError(f"/proc/self/status has no {field} line")
+    from raysseg.labels.finish import proc_status_mib
+
+    value = proc_status_mib(field)
+    if value is None:  # no fallback: ru_maxrss would measure the wrong process (above)
+        raise RuntimeError(f"/proc/self/status has no {field} line")
+    return value
 
 
 def _row(case: dict) -> list:
