@@ -139,3 +139,31 @@ def _cell(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.3f}" if abs(value) < 1000 else f"{value:,.0f}"
     return str(value)
+
+
+# ----------------------------------------------------------------------------------------------
+# /proc readers (Linux) for the benches that measure processes: ray_idle.py, process_cpu.py
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def proc_stat_fields(pid: int) -> list[str]:
+    """/proc/<pid>/stat after the command name (fields 3...), or [] if the process is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return []
+    return stat[stat.rfind(")") + 2 :].split()
+
+
+def proc_command(pid: int) -> str | None:
+    """The command line of `pid`, words joined by spaces; None if the process is gone."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ").strip()
+    except OSError:
+        return None
+
+
+def proc_cpu_seconds(fields: list[str]) -> float:
+    """User + system CPU seconds from proc_stat_fields' fields (utime, stime in clock ticks)."""
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS

@@ -16,11 +16,9 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from pathlib import Path
 
 import _common
 
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 KINDS = ("raylet", "gcs_server", "dashboard", "log_monitor", "runtime_env", "monitor.py")
 
 
@@ -66,7 +64,11 @@ class _Identity:
 
 def cpu_seconds_by_process(root: int) -> dict[int, tuple[str, float]]:
     """{pid: (kind, user + system CPU seconds)} of `root` and every process below it."""
-    stats = {int(name): _stat_fields(int(name)) for name in os.listdir("/proc") if name.isdigit()}
+    stats = {
+        int(name): _common.proc_stat_fields(int(name))
+        for name in os.listdir("/proc")
+        if name.isdigit()
+    }
     children: dict[int, list[int]] = {}
     for pid, fields in stats.items():
         if fields:
@@ -77,25 +79,15 @@ def cpu_seconds_by_process(root: int) -> dict[int, tuple[str, float]]:
         pending.extend(children.get(pid, []))
         fields = stats.get(pid)
         if fields:
-            result[pid] = (_kind(pid, root), (int(fields[11]) + int(fields[12])) / CLOCK_TICKS)
+            result[pid] = (_kind(pid, root), _common.proc_cpu_seconds(fields))
     return result
-
-
-def _stat_fields(pid: int) -> list[str]:
-    """/proc/<pid>/stat after the command name (fields 3...), or [] if the process is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return []
-    return stat[stat.rfind(")") + 2 :].split()
 
 
 def _kind(pid: int, root: int) -> str:
     if pid == root:
         return "driver (this script)"
-    try:
-        command = Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ").strip()
-    except OSError:
+    command = _common.proc_command(pid)
+    if command is None:
         return "?"
     for kind in KINDS:
         if kind in command:

@@ -157,3 +157,38 @@ def test_gpu_check_cpu_quick_mode_runs_every_step(tmp_path) -> None:
     assert steps["torch_compile"]["compile"]["status"] in ("ok", "failed")
     assert "pipeline_efficientnet_lite0" in out and "written" in out
     assert steps["label_update"]["backbone"] == "efficientnet_lite0"
+
+
+def test_process_cpu_counts_each_kind_of_process_the_command_starts(tmp_path) -> None:
+    done = tmp_path / "burned"
+    burner = tmp_path / "burner.py"
+    # About 0.6 s of CPU, then alive a while longer: the kind of work a Ray worker does.
+    burner.write_text(
+        "import pathlib, time\n"
+        "end = time.process_time() + 0.6\n"
+        "while time.process_time() < end: pass\n"
+        f"pathlib.Path({str(done)!r}).touch(); time.sleep(1.0)\n"
+    )
+    # The burner is started by a process that exits at once (as `ray start` leaves its daemons):
+    # an orphan, which the bench must still count.
+    starter = f"import subprocess, sys; subprocess.Popen([sys.executable, {str(burner)!r}])"
+    parent = (
+        "import pathlib, subprocess, sys, time\n"
+        f"subprocess.run([sys.executable, '-c', {starter!r}])\n"
+        f"while not pathlib.Path({str(done)!r}).exists(): time.sleep(0.05)\n"
+        "time.sleep(0.3); sys.exit(3)\n"
+    )
+    bench = [sys.executable, str(BENCH / "process_cpu.py"), "--interval", "0.05", "--"]
+    completed = subprocess.run(
+        [*bench, sys.executable, "-c", parent],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=BENCH.parent,
+    )
+    assert completed.returncode == 3, completed.stderr  # the command's own exit status
+    rows = {line.split()[0]: line.split() for line in completed.stdout.splitlines() if line.strip()}
+    assert "burner.py" in rows, completed.stdout
+    count, cpu = int(rows["burner.py"][1]), float(rows["burner.py"][2])
+    assert count == 1 and 0.4 <= cpu <= 2.0, completed.stdout
+    assert "exit 3" in completed.stdout and "machine CPU" in completed.stdout
