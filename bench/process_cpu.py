@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import _common
 
@@ -53,7 +54,18 @@ def main() -> None:
         time.sleep(args.interval)
     sample(seen)
     wall, machine = time.monotonic() - started, machine_cpu_seconds() - machine_before
-    report(seen, wall, machine, child.returncode)
+    processes = by_kind(seen)
+    report(processes, wall, machine, child.returncode)
+    if args.out:
+        _common.write_results(
+            args.out,
+            "process_cpu",
+            measured=" ".join(args.command),
+            returncode=child.returncode,
+            wall_s=wall,
+            machine_cpu_s=machine,
+            processes=processes,
+        )
     sys.exit(child.returncode)
 
 
@@ -121,21 +133,27 @@ def machine_cpu_seconds() -> float:
     return (sum(values) - values[3] - values[4]) / _common.CLOCK_TICKS
 
 
-def report(seen: dict, wall: float, machine: float, returncode: int) -> None:
+def by_kind(seen: dict) -> list[dict[str, Any]]:
+    """[{"kind", "count", "cpu_s"}], the busiest kind first."""
     totals: dict[str, list[float]] = {}
     for kind, cpu in seen.values():
         entry = totals.setdefault(kind, [0, 0.0])
         entry[0] += 1
         entry[1] += cpu
-    sampled = sum(cpu for _, cpu in totals.values())
+    ranked = sorted(totals.items(), key=lambda item: -item[1][1])
+    return [{"kind": kind, "count": int(count), "cpu_s": cpu} for kind, (count, cpu) in ranked]
+
+
+def report(processes: list[dict[str, Any]], wall: float, machine: float, returncode: int) -> None:
+    sampled = sum(p["cpu_s"] for p in processes)
     print(_common.machine_line())
     print(
         f"wall {wall:.0f} s, exit {returncode}; machine CPU {machine:.0f} s, "
         f"sampled in the command's processes {sampled:.0f} s"
     )
     rows = [
-        [kind, int(count), cpu, 100.0 * cpu / sampled if sampled else 0.0]
-        for kind, (count, cpu) in sorted(totals.items(), key=lambda item: -item[1][1])
+        [p["kind"], p["count"], p["cpu_s"], 100.0 * p["cpu_s"] / sampled if sampled else 0.0]
+        for p in processes
     ]
     _common.print_table(["process", "count", "cpu s", "% of sampled"], rows)
 
@@ -143,6 +161,9 @@ def report(seen: dict, wall: float, machine: float, returncode: int) -> None:
 def _parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--interval", type=float, default=0.5, help="seconds between samples")
+    parser.add_argument(
+        "--out", default=None, help="also write the figures to OUT/process_cpu.json"
+    )
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS ...]")
     args = parser.parse_args()
     if args.command[:1] == ["--"]:

@@ -460,6 +460,47 @@ def _resume_row(result: dict[str, Any]) -> list[str]:
     ]
 
 
+# ----------------------------------------------------------------------------------------------
+# process_cpu.py
+
+# Kinds below this share of the sampled CPU are summed into one row.
+MINOR_SHARE = 0.005
+
+
+def process_cpu_section(runs: Sequence[Results]) -> str:
+    headers = _headers("process | count | CPU s | % of sampled")
+    table = _table_section(runs, headers, _process_rows)
+    return "\n\n".join([table, *(_process_total(run) for run in runs)])
+
+
+def _process_rows(run: Results) -> list[list[Any]]:
+    processes = run["processes"]
+    sampled = sum(p["cpu_s"] for p in processes) or 1.0
+    major = [p for p in processes if p["cpu_s"] >= MINOR_SHARE * sampled]
+    minor = [p for p in processes if p["cpu_s"] < MINOR_SHARE * sampled]
+    rows = [
+        [f"`{p['kind']}`", p["count"], _number(p["cpu_s"], 0), as_percent(p["cpu_s"] / sampled)]
+        for p in major
+    ]
+    if minor:
+        cpu = sum(p["cpu_s"] for p in minor)
+        count = sum(p["count"] for p in minor)
+        rows.append(
+            [f"{len(minor)} other kinds", count, _number(cpu, 0), as_percent(cpu / sampled)]
+        )
+    return rows
+
+
+def _process_total(run: Results) -> str:
+    processes = run["processes"]
+    sampled = sum(p["cpu_s"] for p in processes)
+    return (
+        f"`{run['measured']}` (exit {run['returncode']}): {run['wall_s']:.0f} s wall, "
+        f"{run['machine_cpu_s']:.0f} CPU s on the whole machine, {sampled:.0f} CPU s sampled in "
+        f"{sum(p['count'] for p in processes)} processes it started."
+    )
+
+
 RENDERERS: dict[str, Callable[[Sequence[Results]], str]] = {
     "quality": quality_section,
     "label_update": label_update_section,
@@ -470,6 +511,7 @@ RENDERERS: dict[str, Callable[[Sequence[Results]], str]] = {
     "training": training_section,
     "memory": memory_section,
     "scale": scale_section,
+    "process_cpu": process_cpu_section,
 }
 
 

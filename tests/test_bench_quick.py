@@ -178,7 +178,8 @@ def test_process_cpu_counts_each_kind_of_process_the_command_starts(tmp_path) ->
         f"while not pathlib.Path({str(done)!r}).exists(): time.sleep(0.05)\n"
         "time.sleep(0.3); sys.exit(3)\n"
     )
-    bench = [sys.executable, str(BENCH / "process_cpu.py"), "--interval", "0.05", "--"]
+    bench = [sys.executable, str(BENCH / "process_cpu.py"), "--interval", "0.05"]
+    bench += ["--out", str(tmp_path), "--"]
     completed = subprocess.run(
         [*bench, sys.executable, "-c", parent],
         capture_output=True,
@@ -192,3 +193,4 @@ def test_process_cpu_counts_each_kind_of_process_the_command_starts(tmp_path) ->
     count, cpu = int(rows["burner.py"][1]), float(rows["burner.py"][2])
     assert count == 1 and 0.4 <= cpu <= 2.0, completed.stdout
     assert "exit 3" in completed.stdout and "machine CPU" in completed.stdout
+    _check_results(tmp_path, "process_cpu")
