@@ -192,7 +192,16 @@ def start_simulated_cluster() -> SimulatedCluster:
     from ray.cluster_utils import Cluster
 
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    for attempt in range(2):
+        try:
+            cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+            break
+        except Exception as failure:
+            # As in _RayConnection.local: on 2 cores busy with the other test worker's Ray, the
+            # head's raylet once took longer than the 30 s Ray waits for it. The half-started
+            # head's processes share this process's fate (Ray's kernel fate-sharing on Linux).
+            if attempt or "timed out during startup" not in str(failure):
+                raise
     try:
         workers = [
             cluster.add_node(num_cpus=2),
