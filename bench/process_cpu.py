@@ -35,8 +35,10 @@ DAEMONS = (
     "monitor.py",
     "dashboard",
 )
-# Names a process has before it is what it will be: a Ray worker without a job, Python starting.
-UNSETTLED = ("ray::IDLE", "python")
+# Names that say less than an earlier one: a Ray worker back without a job, Python starting, and
+# "?" for a process that ended and is not yet reaped (a zombie has no command line, but its CPU
+# times are final).
+UNSETTLED = ("ray::IDLE", "python", "?")
 PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
 
 
