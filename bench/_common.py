@@ -167,3 +167,30 @@ def proc_command(pid: int) -> str | None:
 def proc_cpu_seconds(fields: list[str]) -> float:
     """User + system CPU seconds from proc_stat_fields' fields (utime, stime in clock ticks)."""
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def proc_descendants(root: int) -> dict[int, list[str]]:
+    """{pid: proc_stat_fields} of every live process below `root` (root itself not included)."""
+    stats = {int(n): proc_stat_fields(int(n)) for n in os.listdir("/proc") if n.isdigit()}
+    children: dict[int, list[int]] = {}
+    for pid, fields in stats.items():
+        if fields:
+            children.setdefault(int(fields[1]), []).append(pid)
+    found, pending = {}, list(children.get(root, []))
+    while pending:
+        pid = pending.pop()
+        pending.extend(children.get(pid, []))
+        if stats[pid]:
+            found[pid] = stats[pid]
+    return found
+
+
+def cpu_by_kind(processes: Iterable[tuple[str, float]]) -> list[dict[str, Any]]:
+    """(kind, CPU s) per process -> [{"kind", "count", "cpu_s"}], the busiest kind first."""
+    totals: dict[str, list[float]] = {}
+    for kind, cpu in processes:
+        entry = totals.setdefault(kind, [0, 0.0])
+        entry[0] += 1
+        entry[1] += cpu
+    ranked = sorted(totals.items(), key=lambda item: -item[1][1])
+    return [{"kind": kind, "count": int(count), "cpu_s": cpu} for kind, (count, cpu) in ranked]

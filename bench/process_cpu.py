@@ -56,7 +56,7 @@ def main() -> None:
         time.sleep(args.interval)
     sample(seen)
     wall, machine = time.monotonic() - started, machine_cpu_seconds() - machine_before
-    processes = by_kind(seen)
+    processes = _common.cpu_by_kind(seen.values())
     report(processes, wall, machine, child.returncode)
     if args.out:
         _common.write_results(
@@ -91,17 +91,9 @@ def reap_orphans(command_pid: int) -> None:
 def sample(seen: dict) -> None:
     """Fold the descendants of this process alive now into `seen`, keeping each one's last
     settled kind. Key: (pid, start time in ticks), so a reused pid is another process."""
-    stats = {int(n): _common.proc_stat_fields(int(n)) for n in os.listdir("/proc") if n.isdigit()}
-    children: dict[int, list[int]] = {}
-    for pid, fields in stats.items():
-        if fields:
-            children.setdefault(int(fields[1]), []).append(pid)
-    pending = list(children.get(os.getpid(), []))
-    while pending:
-        pid = pending.pop()
-        pending.extend(children.get(pid, []))
-        fields, command = stats[pid], _common.proc_command(pid)
-        if not fields or command is None:
+    for pid, fields in _common.proc_descendants(os.getpid()).items():
+        command = _common.proc_command(pid)
+        if command is None:
             continue
         key, kind = (pid, int(fields[19])), kind_of(command)
         previous = seen.get(key)
@@ -133,17 +125,6 @@ def machine_cpu_seconds() -> float:
     iowait)."""
     values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
     return (sum(values) - values[3] - values[4]) / _common.CLOCK_TICKS
-
-
-def by_kind(seen: dict) -> list[dict[str, Any]]:
-    """[{"kind", "count", "cpu_s"}], the busiest kind first."""
-    totals: dict[str, list[float]] = {}
-    for kind, cpu in seen.values():
-        entry = totals.setdefault(kind, [0, 0.0])
-        entry[0] += 1
-        entry[1] += cpu
-    ranked = sorted(totals.items(), key=lambda item: -item[1][1])
-    return [{"kind": kind, "count": int(count), "cpu_s": cpu} for kind, (count, cpu) in ranked]
 
 
 def report(processes: list[dict[str, Any]], wall: float, machine: float, returncode: int) -> None:

@@ -64,23 +64,12 @@ class _Identity:
 
 def cpu_seconds_by_process(root: int) -> dict[int, tuple[str, float]]:
     """{pid: (kind, user + system CPU seconds)} of `root` and every process below it."""
-    stats = {
-        int(name): _common.proc_stat_fields(int(name))
-        for name in os.listdir("/proc")
-        if name.isdigit()
+    processes = {root: _common.proc_stat_fields(root), **_common.proc_descendants(root)}
+    return {
+        pid: (_kind(pid, root), _common.proc_cpu_seconds(fields))
+        for pid, fields in processes.items()
+        if fields
     }
-    children: dict[int, list[int]] = {}
-    for pid, fields in stats.items():
-        if fields:
-            children.setdefault(int(fields[1]), []).append(pid)
-    result, pending = {}, [root]
-    while pending:
-        pid = pending.pop()
-        pending.extend(children.get(pid, []))
-        fields = stats.get(pid)
-        if fields:
-            result[pid] = (_kind(pid, root), _common.proc_cpu_seconds(fields))
-    return result
 
 
 def _kind(pid: int, root: int) -> str:
@@ -97,26 +86,19 @@ def _kind(pid: int, root: int) -> str:
 
 def _report(before: dict, after: dict, seconds: float, cores: int) -> list[dict]:
     """Print CPU seconds per kind of process; return them, busiest first, as ray_idle.json holds them."""
-    totals: dict[str, list[float]] = {}
-    for pid, (kind, cpu) in after.items():
-        used = cpu - before.get(pid, (kind, cpu))[1]  # a process born in the window: not counted
-        entry = totals.setdefault(kind, [0, 0.0])
-        entry[0] += 1
-        entry[1] += used
+    # A process born in the window is not counted.
+    used = [(kind, cpu - before.get(pid, (kind, cpu))[1]) for pid, (kind, cpu) in after.items()]
+    processes = _common.cpu_by_kind(used)
     print(_common.machine_line())
     print(f"Ray idle on {cores} core(s), {seconds:.0f} s window, after one actor-pool pipeline")
-    rows = [
-        [kind, count, used, 100.0 * used / seconds]
-        for kind, (count, used) in sorted(totals.items(), key=lambda item: -item[1][1])
-    ]
+    rows = [[p["kind"], p["count"], p["cpu_s"], 100.0 * p["cpu_s"] / seconds] for p in processes]
     _common.print_table(["process", "count", "cpu s", "% of a core"], rows)
-    used = sum(row[2] for row in rows)
-    processes = sum(row[1] for row in rows)
+    total = sum(p["cpu_s"] for p in processes)
     print(
-        f"all Ray processes and the driver: {processes} processes, {used:.2f} cpu s = "
-        f"{100.0 * used / seconds:.1f} % of a core while idle"
+        f"all Ray processes and the driver: {sum(p['count'] for p in processes)} processes, "
+        f"{total:.2f} cpu s = {100.0 * total / seconds:.1f} % of a core while idle"
     )
-    return [{"kind": kind, "count": count, "cpu_s": cpu} for kind, count, cpu, _ in rows]
+    return processes
 
 
 def _parse_args() -> argparse.Namespace:
